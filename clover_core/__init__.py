@@ -1,0 +1,31 @@
+"""CLOVER Studio's engine: orthogonalize attention heads, inspect their spectra, prune them.
+
+Public API (re-exported here; no logic in this file)::
+
+    import clover_core as cc
+    bundle = cc.load_model(name_or_path)
+    dec = cc.decompose(bundle.model)
+    spec = cc.spectra(dec)
+    pruned = cc.prune(dec, ratio=0.5, target="qk", method="clover", mode="uniform")
+    cc.save_pruned(pruned, out_dir)
+    again = cc.load_pruned(out_dir)
+"""
+
+from .checkpoint import load_pruned, save_pruned
+from .decompose import Decomposition, decompose, orthogonalize, spectra
+from .models import ModelBundle, load_model
+from .prune import PruneConfig, plan, prune
+
+__all__ = [
+    "Decomposition",
+    "ModelBundle",
+    "PruneConfig",
+    "decompose",
+    "load_model",
+    "load_pruned",
+    "orthogonalize",
+    "plan",
+    "prune",
+    "save_pruned",
+    "spectra",
+]

@@ -1,0 +1,137 @@
+"""The command line: ``python -m clover_core {spectra,prune,demo} --help``.
+
+Results go to stdout (that is the command line's interface); errors are one line on stderr and a
+non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, metrics
+from .data import wikitext_ids
+from .decompose import decompose, spectra
+from .models import EMBEDDED, load_model
+from .prune import PruneConfig, prune
+
+DEFAULT_MODEL = "gpt2-tiny-random"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileExistsError, ModuleNotFoundError, FileNotFoundError)
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"embedded offline name ({', '.join(EMBEDDED)}), a local model folder, or a "
+                        f"Hugging Face hub id such as openai-community/gpt2-xl (default: {DEFAULT_MODEL})")
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="qk", choices=["qk", "vo", "both"],
+                   help="which pair of each head to prune: Q-K (shrinks keys), V-O (shrinks values) or both")
+    p.add_argument("--method", default="clover", choices=["clover", "vanilla"],
+                   help="clover: drop the weakest singular directions; vanilla: drop original head dims")
+    p.add_argument("--mode", default="uniform", choices=["uniform", "global", "threshold"],
+                   help="uniform: every head keeps round(head_dim*(1-ratio)); global: one threshold at the "
+                        "ratio-quantile of all heads' scores; threshold: drop singular values <= --threshold")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of directions removed, in [0, 1)")
+    p.add_argument("--threshold", type=float, default=None, help="absolute singular-value threshold (mode threshold)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, one subcommand per job."""
+    parser = argparse.ArgumentParser(prog="python -m clover_core", description="CLOVER attention-head pruning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("spectra", help="write every head's Q-K and V-O singular values as JSON")
+    _model_arg(sp)
+    sp.add_argument("--out", required=True, help="JSON file to write")
+    pp = sub.add_parser("prune", help="prune a model and save it as a safetensors checkpoint folder")
+    _model_arg(pp)
+    _prune_args(pp)
+    pp.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
+    pp.add_argument("--dtype", choices=list(DTYPES), default=None, help="dtype of the saved weights "
+                    "(default: the model's)")
+    dp = sub.add_parser("demo", help="spectra, then CLOVER and vanilla pruning, then a before/after comparison")
+    _model_arg(dp)
+    _prune_args(dp)
+    dp.add_argument("--tokens", type=int, default=2048, help="WikiText-2 test tokens scored for perplexity")
+    dp.add_argument("--out", default=None, help="also save the CLOVER-pruned checkpoint here")
+    return parser
+
+
+def cmd_spectra(args: argparse.Namespace) -> None:
+    spec = spectra(load_model(args.model).model)
+    Path(args.out).write_text(json.dumps({n: {p: s.tolist() for p, s in d.items()} for n, d in spec.items()}))
+    print(f"wrote the spectra of {len(spec)} attention modules to {args.out}")
+
+
+def _check_prune_args(args: argparse.Namespace) -> None:
+    """Validate the pruning request before any model is loaded, so bad input fails fast."""
+    PruneConfig(ratio=args.ratio, target=args.target, method=args.method, mode=args.mode, threshold=args.threshold)
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    _check_prune_args(args)
+    bundle = load_model(args.model)
+    pruned = prune(bundle.model, ratio=args.ratio, target=args.target, method=args.method,
+                   mode=args.mode, threshold=args.threshold)
+    out = checkpoint.save_pruned(pruned, args.out, processor=bundle.processor,
+                                 dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(_size_line("pruned", pruned))
+    print(f"saved to {out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    if args.ratio is None and args.mode != "threshold":
+        args.ratio = 0.5
+    _check_prune_args(args)
+    bundle = load_model(args.model)
+    start = time.perf_counter()
+    dec = decompose(bundle.model, progress=True)
+    print(f"decomposed {len(dec.modules)} attention modules in {time.perf_counter() - start:.2f}s")
+    for name, pairs in list(spectra(dec).items())[:2]:
+        for pair, s in pairs.items():
+            print(f"  {name} {pair}: head 0 singular values {_fmt(s[0][:6])} ...")
+    ids = wikitext_ids(bundle.processor, args.tokens)
+    rows = [("original", bundle.model)]
+    for method in ("vanilla", "clover"):
+        rows.append((method, prune(dec, ratio=args.ratio, target=args.target, method=method,
+                                   mode=args.mode, threshold=args.threshold)))
+    print(f"\n{args.target} pruning, mode {args.mode}, ratio {args.ratio}, threshold {args.threshold}; "
+          f"perplexity on {ids.numel()} WikiText-2 test tokens")
+    for label, model in rows:
+        ppl = metrics.perplexity(model, ids, window=512, stride=256, progress=False)
+        print(f"{_size_line(label, model)}  perplexity {ppl:10.2f}")
+    if args.out:
+        print(f"saved to {checkpoint.save_pruned(rows[-1][1], args.out, processor=bundle.processor)}")
+
+
+def _size_line(label: str, model: torch.nn.Module) -> str:
+    params, kv = metrics.parameter_count(model), metrics.kv_cache_bytes_per_token(model)
+    return f"{label:>9}: {params:>13,} parameters, {kv:>9,} KV-cache bytes/token"
+
+
+def _fmt(values: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values.tolist()) + "]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        {"spectra": cmd_spectra, "prune": cmd_prune, "demo": cmd_demo}[args.command](args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""GPT-2: the fused ``Conv1D`` ``c_attn`` (stored ``(in, out)``, i.e. already ``x @ W``), ``c_proj``,
+biases on all four projections. Every size, ``gpt2`` to ``gpt2-xl`` (48 layers, 25 heads, d=1600)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+from transformers.pytorch_utils import Conv1D
+
+from ..attention import attend, padded_width
+from .base import Factors, merge_heads, merge_output, split_heads, split_output
+
+
+class CloverGPT2Attention(GPT2Attention):
+    """GPT-2 self-attention with ``qk_dim`` query/key and ``v_dim`` value features per head.
+
+    The softmax scale is the original one (``1/sqrt(n_embd / n_head)``, computed by the parent from
+    the unchanged config), so a model pruned at ratio 0 is exactly the original.
+    """
+
+    def __init__(self, config, layer_idx: int | None, qk_dim: int, v_dim: int):
+        super().__init__(config, is_cross_attention=False, layer_idx=layer_idx)
+        self.qk_dim, self.v_dim = qk_dim, v_dim
+        h = self.num_heads
+        self.c_attn = Conv1D(h * (2 * qk_dim + v_dim), self.embed_dim)
+        self.c_proj = Conv1D(self.embed_dim, h * v_dim)
+
+    def forward(self, hidden_states, past_key_values=None, attention_mask=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, output_attentions=False, **kwargs):
+        if encoder_hidden_states is not None:
+            raise NotImplementedError("pruned GPT-2 cross-attention is not supported")
+        h, bsz, seq = self.num_heads, *hidden_states.shape[:2]
+        q, k, v = self.c_attn(hidden_states).split([h * self.qk_dim, h * self.qk_dim, h * self.v_dim], dim=2)
+        q = q.view(bsz, seq, h, self.qk_dim).transpose(1, 2)  # (B, nh, T, qk)
+        k = k.view(bsz, seq, h, self.qk_dim).transpose(1, 2)  # (B, nh, T, qk)
+        v = v.view(bsz, seq, h, self.v_dim).transpose(1, 2)  # (B, nh, T, v)
+        if past_key_values is not None:
+            cache = past_key_values
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
+            k, v = cache.update(k, v, self.layer_idx)
+        out, weights = attend(self, q, k, v, attention_mask, self.scaling, self.attn_dropout.p, **kwargs)  # (B, T, nh, v)
+        out = self.c_proj(out.reshape(bsz, seq, h * self.v_dim))
+        return self.resid_dropout(out), weights
+
+
+class GPT2Adapter:
+    """Adapter for :class:`GPT2Attention` (self-attention only)."""
+
+    def factors(self, module: GPT2Attention) -> dict[str, Factors]:
+        if module.is_cross_attention:
+            raise NotImplementedError("GPT-2 cross-attention (add_cross_attention=True) is not supported")
+        d, h = module.embed_dim, module.num_heads
+        qk_dim, v_dim = _dims(module)
+        w, b = module.c_attn.weight, module.c_attn.bias  # (d, h*(2qk+v)), x @ W
+        wq, wk, wv = w.split([h * qk_dim, h * qk_dim, h * v_dim], dim=1)
+        bq, bk, bv = b.split([h * qk_dim, h * qk_dim, h * v_dim])
+        return {
+            "qk": (split_heads(wq, bq, h), split_heads(wk, bk, h)),  # (h, d+1, qk) each
+            "vo": (split_heads(wv, bv, h), split_output(module.c_proj.weight, h)),  # (h, d+1, v), (h, d, v)
+        }
+
+    def pruned(self, module: GPT2Attention, widths: dict[str, int]) -> CloverGPT2Attention:
+        qk_dim, v_dim = _dims(module)
+        new = CloverGPT2Attention(module.config, module.layer_idx, widths.get("qk", qk_dim), widths.get("vo", v_dim))
+        new.c_proj.bias = copy.deepcopy(module.c_proj.bias)  # b_o is untouched by V-O pruning
+        return new.to(device=module.c_attn.weight.device, dtype=module.c_attn.weight.dtype)
+
+    def load_factors(self, module: CloverGPT2Attention, factors: dict[str, Factors]) -> None:
+        wq, bq = merge_heads(factors["qk"][0])
+        wk, bk = merge_heads(factors["qk"][1])
+        wv, bv = merge_heads(factors["vo"][0])
+        with torch.no_grad():
+            module.c_attn.weight.copy_(torch.cat([wq, wk, wv], dim=1))
+            module.c_attn.bias.copy_(torch.cat([bq, bk, bv]))
+            module.c_proj.weight.copy_(merge_output(factors["vo"][1]))
+
+    def params_per_direction(self, module: nn.Module) -> dict[str, int]:
+        d = module.embed_dim
+        return {"qk": 2 * (d + 1), "vo": (d + 1) + d}
+
+    def kv_width(self, module: nn.Module, ranks: dict[str, list[int]]) -> tuple[int, int]:
+        true = sum(ranks["qk"]) + sum(ranks["vo"])
+        return true, module.num_heads * (padded_width(ranks["qk"]) + padded_width(ranks["vo"]))
+
+
+def _dims(module: GPT2Attention) -> tuple[int, int]:
+    return getattr(module, "qk_dim", module.head_dim), getattr(module, "v_dim", module.head_dim)

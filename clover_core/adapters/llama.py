@@ -1,0 +1,86 @@
+"""Llama family (SmolLM2 included): grouped-query attention and RoPE.
+
+Only V-O is orthogonalized: the rotary embedding sits between ``W_q`` and ``W_k``, so the Q-K product
+is not a fixed matrix. With grouped-query attention one value head serves ``g`` query heads, so the
+shared ``W_v,g`` is orthogonalized against the stacked ``[W_o,h1 ... W_o,hg]`` of its group and the
+KV head keeps one basis.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+
+from ..attention import attend, padded_width
+from .base import Factors, merge_heads, merge_output, split_heads, split_output
+
+
+class CloverLlamaAttention(LlamaAttention):
+    """Llama attention whose value heads keep ``v_dim`` features (queries and keys unchanged)."""
+
+    def __init__(self, config, layer_idx: int, v_dim: int):
+        super().__init__(config, layer_idx)
+        self.v_dim = v_dim
+        bias = config.attention_bias
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * v_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * v_dim, config.hidden_size, bias=bias)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        bsz, seq = hidden_states.shape[:2]
+        q = self.q_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(hidden_states).view(bsz, seq, -1, self.v_dim).transpose(1, 2)  # (B, nkv, T, v)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out, weights = attend(self, q, k, v, attention_mask, self.scaling, self.attention_dropout, **kwargs)
+        return self.o_proj(out.reshape(bsz, seq, -1)), weights  # (B, T, nh * v) -> (B, T, d)
+
+
+class LlamaAdapter:
+    """Adapter for :class:`LlamaAttention`: V-O only, grouped basis for shared KV heads."""
+
+    def factors(self, module: LlamaAttention) -> dict[str, Factors]:
+        cfg = module.config
+        kv, g = cfg.num_key_value_heads, module.num_key_value_groups
+        v, o = module.v_proj, module.o_proj
+        a = split_heads(v.weight.T, v.bias, kv)  # (kv, d+1, hd)
+        b = split_output(o.weight.T, kv * g)  # (heads, d, hd): query head h uses KV head h // g
+        b = b.reshape(kv, g * b.shape[1], b.shape[2])  # (kv, g*d, hd): the group's W_o blocks stacked
+        return {"vo": (a, b)}
+
+    def pruned(self, module: LlamaAttention, widths: dict[str, int]) -> CloverLlamaAttention:
+        if "qk" in widths:
+            raise ValueError("Q-K pruning does not apply to rotary (Llama-family) attention; use target='vo'")
+        new = CloverLlamaAttention(module.config, module.layer_idx, widths.get("vo", _v_dim(module)))
+        new.q_proj, new.k_proj = copy.deepcopy(module.q_proj), copy.deepcopy(module.k_proj)  # untouched
+        if module.o_proj.bias is not None:
+            new.o_proj.bias = copy.deepcopy(module.o_proj.bias)  # b_o is untouched by V-O pruning
+        return new.to(device=module.v_proj.weight.device, dtype=module.v_proj.weight.dtype)
+
+    def load_factors(self, module: CloverLlamaAttention, factors: dict[str, Factors]) -> None:
+        a, b = factors["vo"]
+        g = module.num_key_value_groups
+        wv, bv = merge_heads(a)
+        heads = b.reshape(b.shape[0] * g, b.shape[1] // g, b.shape[2])  # (heads, d, v)
+        with torch.no_grad():
+            module.v_proj.weight.copy_(wv.T)
+            if module.v_proj.bias is not None:
+                module.v_proj.bias.copy_(bv)
+            module.o_proj.weight.copy_(merge_output(heads).T)
+
+    def params_per_direction(self, module: nn.Module) -> dict[str, int]:
+        cfg = module.config
+        d, g = cfg.hidden_size, module.num_key_value_groups
+        return {"vo": d + int(bool(cfg.attention_bias)) + g * d}
+
+    def kv_width(self, module: nn.Module, ranks: dict[str, list[int]]) -> tuple[int, int]:
+        keys = module.config.num_key_value_heads * module.head_dim
+        return keys + sum(ranks["vo"]), keys + len(ranks["vo"]) * padded_width(ranks["vo"])
+
+
+def _v_dim(module: LlamaAttention) -> int:
+    return getattr(module, "v_dim", module.head_dim)

@@ -1,0 +1,214 @@
+"""Safetensors save / load of pruned models. No pickle is ever written or read.
+
+A checkpoint is a standard ``save_pretrained`` folder whose ``config.json`` carries a ``clover``
+entry (method, mode, target and every head's kept rank). Loading rebuilds the original architecture
+from the config, shrinks its attention modules to the recorded ranks, and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from transformers.initialization import no_init_weights
+
+from .adapters import adapter_for
+from .attention import padded_width
+from .prune import FORMAT, attach_ranks, pruning_record, record, set_submodule
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+WEIGHT_NAMES = ("model", "diffusion_pytorch_model")  # transformers, diffusers
+
+
+def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, processor=None, dtype: torch.dtype | None = None,
+                max_shard_size: str = "2GB") -> Path:
+    """Write a pruned model to ``out_dir`` atomically (a temporary folder, then a rename).
+
+    Args:
+        model: a model returned by :func:`clover_core.prune` (its config carries ``clover``).
+        out_dir: target folder; it must not exist, be empty, or hold an earlier CLOVER checkpoint.
+        processor: optional tokenizer / processor saved beside the weights.
+        dtype: cast the saved weights (e.g. ``torch.float16``); default: the model's dtype.
+        max_shard_size: shard the safetensors above this size.
+
+    Returns:
+        The folder written.
+
+    Raises:
+        ValueError: the model is not a pruned model, or ``dtype`` is not floating point.
+        FileExistsError: ``out_dir`` holds something that is not a CLOVER checkpoint.
+    """
+    if pruning_record(model) is None:
+        raise ValueError("save_pruned expects a model returned by clover_core.prune (no config.clover found)")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use torch.float16/bfloat16/float32")
+    out = Path(out_dir)
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _save_weights(model, tmp, dtype, max_shard_size)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved pruned model to %s", out)
+    return out
+
+
+def _save_weights(model: nn.Module, folder: Path, dtype: torch.dtype | None, max_shard_size: str) -> None:
+    if hasattr(model, "register_to_config"):  # diffusers: no state_dict argument, cast a copy
+        model = model if dtype is None else copy.deepcopy(model).to(dtype)
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+        return
+    state = None if dtype is None else {k: v.to(dtype) for k, v in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
+        raise FileExistsError(f"{out} is not empty and is not a CLOVER checkpoint; refusing to overwrite it")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Swap ``tmp`` into place: at every instant either the old folder or the new one exists."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a CLOVER checkpoint (a config.json with a ``clover`` entry)."""
+    try:
+        return isinstance(read_config(Path(folder)).get("clover"), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def read_config(folder: Path) -> dict:
+    """The folder's ``config.json`` as a dict; a clear error if it is missing or not JSON."""
+    path = folder / CONFIG
+    if not path.is_file():
+        raise ValueError(f"{folder} is not a model folder: {CONFIG} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is corrupted") from None
+
+
+def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a folder written by :func:`save_pruned` (no ``trust_remote_code``, no pickle).
+
+    Args:
+        folder: the checkpoint folder.
+        dtype: cast the loaded model; default: the dtype the weights were saved in.
+
+    Returns:
+        The pruned model in eval mode, on the CPU.
+
+    Raises:
+        ValueError: not a CLOVER checkpoint, or a corrupted / truncated / tampered file (named).
+    """
+    folder = Path(folder)
+    raw = read_config(folder)
+    meta = raw.get("clover")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{folder / CONFIG} is not a CLOVER checkpoint (no 'clover' entry of format {FORMAT}); "
+                         "load ordinary models with clover_core.load_model")
+    model = _skeleton(folder, raw, meta)
+    _load_weights(model, folder)
+    record(model, meta)
+    return (model if dtype is None else model.to(dtype)).eval()
+
+
+def _skeleton(folder: Path, raw: dict, meta: dict) -> nn.Module:
+    model = _empty_model(folder, raw)
+    for name, ranks in meta.get("ranks", {}).items():
+        original = _submodule(model, name, folder)
+        adapter = adapter_for(original)
+        if adapter is None:
+            raise ValueError(f"{folder / CONFIG}: {name} is not a supported attention module")
+        module = adapter.pruned(original, {p: padded_width(r) for p, r in ranks.items()})
+        attach_ranks(module, adapter, ranks)
+        set_submodule(model, name, module)
+    return model
+
+
+def _empty_model(folder: Path, raw: dict) -> nn.Module:
+    """The original architecture named by the config, with uninitialized weights."""
+    if "_class_name" in raw:  # a diffusers model
+        import diffusers
+
+        cls = getattr(diffusers, str(raw["_class_name"]), None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ValueError(f"{folder / CONFIG} names class {raw['_class_name']!r}, which diffusers does not provide")
+        return cls.from_config({k: v for k, v in raw.items() if k != "clover"})
+    arch = (raw.get("architectures") or [None])[0]
+    cls = getattr(transformers, str(arch), None)
+    if cls is None or not hasattr(cls, "config_class"):
+        raise ValueError(f"{folder / CONFIG} names architecture {arch!r}, which transformers does not provide")
+    with no_init_weights():
+        return cls(cls.config_class.from_dict(raw))
+
+
+def _submodule(model: nn.Module, name: str, folder: Path) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{folder / CONFIG} lists ranks for {name!r}, which the model does not have") from None
+
+
+def _load_weights(model: nn.Module, folder: Path) -> None:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        try:
+            state.update(load_file(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} cannot be read as safetensors ({e}); the file is corrupted or truncated") from None
+    tie = getattr(model, "tie_weights", lambda: None)
+    tie()  # tied parameters are stored once
+    required = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()
+                                                            if n in model.state_dict()}
+    missing, unexpected = sorted(required - state.keys()), sorted(state.keys() - model.state_dict().keys())
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{folder}: tensor {key} has shape {tuple(tensor.shape)} but the config implies "
+                             f"{tuple(expected[key].shape)}; the checkpoint was tampered with or mixed up")
+    model.load_state_dict(state, strict=False, assign=True)
+    tie()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: the single file, or the shards its index lists."""
+    for stem in WEIGHT_NAMES:
+        if (folder / f"{stem}.safetensors").is_file():
+            return [folder / f"{stem}.safetensors"]
+    index = next((p for s in WEIGHT_NAMES if (p := folder / f"{s}.safetensors.index.json").is_file()), None)
+    if index is None:
+        raise ValueError(f"{folder} holds no model.safetensors (or diffusion_pytorch_model.safetensors) or index")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
+    return [folder / s for s in shards]

@@ -1,0 +1,38 @@
+"""The evaluation data that ships with the project (``assets/``)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+WIKITEXT = ASSETS / "data" / "wikitext-2-raw-v1-test.jsonl"
+
+
+@lru_cache(maxsize=1)
+def wikitext_test() -> str:
+    """WikiText-2 raw test, rows joined with ``"\\n\\n"`` (the standard perplexity protocol)."""
+    if not WIKITEXT.is_file():
+        raise FileNotFoundError(f"{WIKITEXT} is missing; it ships with the project (git checkout assets/)")
+    rows = [json.loads(line) for line in WIKITEXT.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return "\n\n".join(rows)
+
+
+def wikitext_ids(tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """The first ``max_tokens`` tokens of WikiText-2 test as a 1-D LongTensor.
+
+    Raises:
+        ValueError: no tokenizer, or ``max_tokens`` < 2.
+    """
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so text perplexity cannot be measured")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens={max_tokens} is too small; perplexity needs at least 2 tokens")
+    text = wikitext_test()
+    if max_tokens is not None:
+        text = text[: max_tokens * 12]  # ~4 characters a token: tokenize only what is needed
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return ids[:max_tokens]

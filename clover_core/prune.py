@@ -1,0 +1,247 @@
+"""Ratio or threshold -> kept directions per head; CLOVER and vanilla scoring; physical rebuilding.
+
+CLOVER keeps the top singular directions of each head's orthogonalized pair (the best rank-r
+approximation of the head's product); vanilla keeps the original head dimensions with the largest
+``||a_i|| * ||b_i||``. Both are cut to the same sizes, so every comparison is at equal cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+from .attention import padded_width
+from .decompose import PAIRS, Decomposition, ModuleDecomposition, decompose
+
+log = logging.getLogger(__name__)
+
+Target = Literal["qk", "vo", "both"]
+Method = Literal["clover", "vanilla"]
+Mode = Literal["uniform", "global", "threshold"]
+FORMAT = "clover-studio/1"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how; validated on construction.
+
+    ``ratio`` (in [0, 1)) drives the ``uniform`` and ``global`` modes, ``threshold`` (>= 0) the
+    ``threshold`` mode; giving the one a mode does not use is an error, not silently ignored.
+    """
+
+    ratio: float | None = None
+    target: Target = "qk"
+    method: Method = "clover"
+    mode: Mode = "uniform"
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        for arg, allowed in (("target", Target), ("method", Method), ("mode", Mode)):
+            value = getattr(self, arg)
+            if value not in get_args(allowed):
+                raise ValueError(f"{arg}={value!r} is not supported; choose one of {', '.join(get_args(allowed))}")
+        if self.mode == "threshold":
+            if self.ratio is not None:
+                raise ValueError(f"ratio={self.ratio!r} is not used in mode='threshold'; pass threshold= only")
+            _check_number("threshold", self.threshold, "a singular value >= 0, e.g. 5e-3")
+            if self.threshold < 0:
+                raise ValueError(f"threshold={self.threshold!r} must be >= 0")
+        else:
+            if self.threshold is not None:
+                raise ValueError(f"threshold={self.threshold!r} is only used with mode='threshold' "
+                                 f"(mode is {self.mode!r}); pass ratio= instead")
+            _check_number("ratio", self.ratio, "a fraction in [0, 1), e.g. 0.5")
+            if not 0.0 <= self.ratio < 1.0:
+                raise ValueError(f"ratio={self.ratio!r} is out of range; it must be in [0, 1) "
+                                 "(the fraction of directions removed)")
+
+    @property
+    def pairs(self) -> tuple[str, ...]:
+        """The pair types this config prunes."""
+        return PAIRS if self.target == "both" else (self.target,)
+
+
+def _check_number(arg: str, value: object, expected: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{arg}={value!r} is not valid; expected {expected}")
+
+
+Plan = dict[str, dict[str, torch.Tensor]]  # module name -> pair -> (G, head_dim) bool "kept" mask
+
+
+def plan(dec: Decomposition, config: PruneConfig) -> Plan:
+    """Which directions each head keeps, for the pairs ``config`` targets (no SVD).
+
+    Args:
+        dec: a cached decomposition.
+        config: the validated pruning request.
+
+    Returns:
+        ``{module: {pair: kept mask (G, head_dim)}}`` for every targeted pair.
+
+    Raises:
+        ValueError: the target asks for a pair the model does not have (Q-K of a rotary model).
+    """
+    for pair in config.pairs:
+        if pair not in dec.pair_types:
+            raise ValueError(f"target={config.target!r} includes {pair!r}, which this model does not have: "
+                             "rotary position embeddings (Llama family) sit between W_q and W_k, so the Q-K "
+                             "product is not a fixed matrix and cannot be orthogonalized; use target='vo'")
+    masks: Plan = {name: {} for name in dec.modules}
+    for pair in config.pairs:
+        scores = {name: _scores(md, pair, config.method) for name, md in dec.modules.items()}
+        for name, kept in _keep(scores, config).items():
+            masks[name][pair] = kept
+    return masks
+
+
+def _scores(md: ModuleDecomposition, pair: str, method: str) -> torch.Tensor:
+    pd = md.pairs[pair]
+    return pd.s if method == "clover" else pd.vanilla
+
+
+def _keep(scores: dict[str, torch.Tensor], config: PruneConfig) -> dict[str, torch.Tensor]:
+    if config.mode == "threshold":
+        return {name: s > config.threshold for name, s in scores.items()}
+    if config.mode == "uniform":
+        return {name: _top_r(s, round(s.shape[1] * (1 - config.ratio))) for name, s in scores.items()}
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    removed = torch.zeros_like(flat, dtype=torch.bool)
+    removed[torch.argsort(flat, stable=True)[: round(config.ratio * flat.numel())]] = True
+    kept = (~removed).split([s.numel() for s in scores.values()])
+    return {name: k.view_as(s) for (name, s), k in zip(scores.items(), kept)}
+
+
+def _top_r(scores: torch.Tensor, r: int) -> torch.Tensor:
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept.scatter_(1, torch.argsort(scores, dim=1, descending=True, stable=True)[:, :r], True)
+    return kept
+
+
+def prune(model_or_dec: nn.Module | Decomposition, ratio: float | None = None, target: Target = "qk",
+          method: Method = "clover", mode: Mode = "uniform", threshold: float | None = None) -> nn.Module:
+    """A new, physically smaller model; the input model is left untouched.
+
+    Args:
+        model_or_dec: a model, or a cached :class:`Decomposition` (then no SVD is run).
+        ratio: fraction of directions to remove, in [0, 1) (modes ``uniform`` and ``global``).
+        target: ``"qk"``, ``"vo"`` or ``"both"`` (pruned independently).
+        method: ``"clover"`` (orthogonalized) or ``"vanilla"`` (original head dimensions).
+        mode: ``"uniform"`` (every head keeps ``round(head_dim * (1 - ratio))``), ``"global"`` (one
+            ``ratio``-quantile threshold over all heads and layers) or ``"threshold"``.
+        threshold: absolute score threshold for ``mode="threshold"``; directions with a score
+            ``<= threshold`` are removed.
+
+    Returns:
+        The pruned model; ``model.config.clover`` records the method and every head's kept rank.
+
+    Raises:
+        ValueError: an argument outside what is allowed (the message names it).
+        NotImplementedError: the model has no supported attention module.
+    """
+    if ratio is None and mode != "threshold":
+        ratio = 0.0
+    config = PruneConfig(ratio=ratio, target=target, method=method, mode=mode, threshold=threshold)
+    dec = model_or_dec if isinstance(model_or_dec, Decomposition) else decompose(_as_model(model_or_dec))
+    return build(dec, plan(dec, config), config)
+
+
+def _as_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch model or a Decomposition, got {type(model).__name__}")
+    return model
+
+
+def build(dec: Decomposition, masks: Plan, config: PruneConfig) -> nn.Module:
+    """Copy ``dec.model`` with every attention module rebuilt to keep only the directions in ``masks``."""
+    model = dec.model
+    skip = {id(model.get_submodule(name)): None for name in dec.modules}  # rebuilt below, never copied
+    new = copy.deepcopy(model, skip)
+    ranks: dict[str, dict[str, list[int]]] = {}
+    with torch.no_grad():
+        for name, md in dec.modules.items():
+            module = _prune_module(model.get_submodule(name), md, masks[name], config.method)
+            set_submodule(new, name, module)
+            ranks[name] = module.clover_ranks
+    record(new, {"format": FORMAT, "method": config.method, "mode": config.mode, "target": config.target,
+                 "ratio": config.ratio, "threshold": config.threshold, "ranks": ranks})
+    log.info("pruned %d attention modules (%s, %s, %s)", len(ranks), config.method, config.mode, config.target)
+    return new
+
+
+def _prune_module(original: nn.Module, md: ModuleDecomposition, masks: dict[str, torch.Tensor],
+                  method: str) -> nn.Module:
+    adapter, original_factors = md.adapter, None
+    selected, ranks = {}, {}
+    for pair, pd in md.pairs.items():
+        if pair in masks and method == "clover":
+            a, b, score, kept = pd.a, pd.b, pd.s, masks[pair]
+        else:  # vanilla, or a pair left alone: the original columns
+            original_factors = original_factors or adapter.factors(original)
+            a, b = original_factors[pair]
+            score, kept = pd.vanilla, masks.get(pair, torch.ones_like(pd.vanilla, dtype=torch.bool))
+        selected[pair] = select_columns(a, b, score, kept)
+        ranks[pair] = kept.sum(dim=1).tolist()
+    module = adapter.pruned(original, {p: padded_width(r) for p, r in ranks.items()})
+    adapter.load_factors(module, selected)
+    attach_ranks(module, adapter, ranks)
+    return module.train(original.training)
+
+
+def select_columns(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor,
+                   kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather each group's kept columns (best first), zero-padded to a common width.
+
+    Args:
+        a: ``(G, m, k)``; b: ``(G, n, k)``; score: ``(G, k)``; kept: ``(G, k)`` bool.
+
+    Returns:
+        ``(a_kept, b_kept)`` of shapes ``(G, m, w)`` and ``(G, n, w)``, ``w = padded_width(ranks)``.
+    """
+    ranks = kept.sum(dim=1)  # (G,)
+    width = padded_width(ranks.tolist())
+    order = torch.argsort(score.masked_fill(~kept, -math.inf), dim=1, descending=True, stable=True)[:, :width]
+    live = (torch.arange(width, device=ranks.device)[None] < ranks[:, None]).to(a.dtype)  # (G, w)
+    idx = order.to(a.device)[:, None, :]  # (G, 1, w)
+    live = live.to(a.device)[:, None, :]
+    a_kept = a.gather(2, idx.expand(-1, a.shape[1], -1)) * live
+    b_kept = b.gather(2, idx.expand(-1, b.shape[1], -1)) * live
+    return a_kept, b_kept
+
+
+def attach_ranks(module: nn.Module, adapter: Adapter, ranks: dict[str, list[int]]) -> None:
+    """Record true per-head ranks on a pruned module, with the padding and KV width they imply."""
+    per_direction = adapter.params_per_direction(module)
+    module.clover_ranks = ranks
+    module.clover_padding = sum((len(r) * padded_width(r) - sum(r)) * per_direction[p] for p, r in ranks.items())
+    kv = adapter.kv_width(module, ranks)
+    if kv is not None:
+        module.kv_width, module.kv_width_allocated = kv
+
+
+def record(model: nn.Module, meta: dict) -> None:
+    """Store the pruning record in the model's config (diffusers configs are frozen: registered)."""
+    if hasattr(model, "register_to_config"):
+        model.register_to_config(clover=meta)
+    else:
+        model.config.clover = meta
+
+
+def pruning_record(model: nn.Module) -> dict | None:
+    """The ``clover`` entry of a pruned model's config, or None for a model that was not pruned."""
+    config = getattr(model, "config", None)
+    meta = config.get("clover") if isinstance(config, dict) else getattr(config, "clover", None)
+    return meta if isinstance(meta, dict) else None
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """``setattr`` on the parent of the dotted path ``name``."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

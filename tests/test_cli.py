@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+import clover_core as cc
+from clover_core.__main__ import main
+
+
+@pytest.fixture
+def model_dir(make_gpt2, tmp_path):
+    path = tmp_path / "tiny"
+    make_gpt2("5x8").save_pretrained(path)
+    return path
+
+
+def test_prune_writes_a_loadable_checkpoint(model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--target", "qk", "--method", "clover",
+                 "--mode", "global", "--ratio", "0.5", "--out", str(out)]) == 0
+    pruned = cc.load_pruned(out)
+    assert pruned.config.clover["mode"] == "global"
+    assert sum(8 - r for d in pruned.config.clover["ranks"].values() for r in d["qk"]) == round(0.5 * 3 * 5 * 8)
+    assert "saved to" in capsys.readouterr().out
+
+
+def test_spectra_json(model_dir, tmp_path):
+    out = tmp_path / "spectra.json"
+    assert main(["spectra", "--model", str(model_dir), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    model = cc.load_model(str(model_dir)).model
+    expected = cc.spectra(model)
+    assert set(data) == set(expected)
+    torch.testing.assert_close(torch.tensor(data["transformer.h.2.attn"]["vo"]), expected["transformer.h.2.attn"]["vo"])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--ratio", "1.5"], "ratio=1.5 is out of range"),
+    (["--ratio", "nan"], "ratio=nan"),
+    (["--mode", "threshold"], "threshold=None"),
+])
+def test_bad_input_is_one_line_and_nonzero(model_dir, tmp_path, capsys, args, match):
+    status = main(["prune", "--model", str(model_dir), "--out", str(tmp_path / "x"), *args])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("error: ") and match in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_model_names_the_offline_models(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["spectra", "--model", "no-such-org/no-such-model", "--out", "x.json"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-org/no-such-model" in err and "gpt2-tiny-random" in err
+
+
+def test_invalid_choice_is_rejected_by_the_parser(model_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--model", str(model_dir), "--target", "kq", "--out", "x"])
+    assert e.value.code == 2
+    assert "invalid choice: 'kq'" in capsys.readouterr().err
+
+
+def test_demo_compares_original_vanilla_and_clover(capsys):
+    assert main(["demo", "--model", "gpt2-tiny-random", "--ratio", "0.5", "--tokens", "300"]) == 0
+    out = capsys.readouterr().out
+    for label in ("original", "vanilla", "clover"):
+        assert f"{label}:" in out
+    assert "perplexity" in out

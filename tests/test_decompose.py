@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+import clover_core as cc
+from clover_core.decompose import orthogonalize, vanilla_scores
+
+from .tolerances import FP32, FP32_FACTOR_REL, FP64
+
+
+def factors(g=4, m=33, n=29, k=8, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(g, m, k, generator=gen, dtype=dtype), torch.randn(g, n, k, generator=gen, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.float64, FP64)])
+def test_orthogonalize_is_exact_and_orthogonal(dtype, tol):
+    a, b = factors(dtype=dtype)
+    a2, b2, s = orthogonalize(a, b, dtype=dtype)
+    torch.testing.assert_close(a2 @ b2.transpose(1, 2), a @ b.transpose(1, 2), **tol)
+    # columns are orthogonal and ordered: a2.T a2 = b2.T b2 = diag(S)
+    eye_s = torch.diag_embed(s).to(dtype)
+    torch.testing.assert_close(a2.transpose(1, 2) @ a2, eye_s, **tol)
+    torch.testing.assert_close(b2.transpose(1, 2) @ b2, eye_s, **tol)
+    assert (s[:, :-1] >= s[:, 1:]).all()
+
+
+def test_singular_values_match_the_full_product_svd():
+    a, b = factors()
+    _, _, s = orthogonalize(a, b)
+    ref = torch.linalg.svdvals((a @ b.transpose(1, 2)).double())[:, : a.shape[2]]
+    torch.testing.assert_close(s.double(), ref, **FP32)
+
+
+def test_rotated_scores_are_the_singular_values():
+    a, b = factors()
+    a2, b2, s = orthogonalize(a, b)
+    torch.testing.assert_close(vanilla_scores(a2, b2), s, **FP32)
+
+
+def test_fewer_rows_than_head_dim_pads_with_zero_directions():
+    a, b = factors(m=5, n=7, k=8)
+    a2, b2, s = orthogonalize(a, b)
+    assert a2.shape == a.shape and b2.shape == b.shape
+    assert (s[:, 5:] == 0).all()
+    torch.testing.assert_close(a2 @ b2.transpose(1, 2), a @ b.transpose(1, 2), **FP32)
+
+
+def test_truncation_is_the_optimal_low_rank_approximation():
+    a, b = factors(k=16)
+    a2, b2, s = orthogonalize(a, b)
+    product = a @ b.transpose(1, 2)
+    for r in (1, 4, 9):
+        err = (a2[..., :r] @ b2[..., :r].transpose(1, 2) - product).norm(dim=(1, 2))
+        eckart_young = s[:, r:].pow(2).sum(1).sqrt()
+        torch.testing.assert_close(err, eckart_young, atol=FP32_FACTOR_REL * product.norm().item(), rtol=1e-4)
+
+
+def test_non_float_and_mismatched_factors_are_refused():
+    a, b = factors()
+    with pytest.raises(TypeError, match="floating-point"):
+        orthogonalize(a.to(torch.int8), b)
+    with pytest.raises(ValueError, match="do not pair up"):
+        orthogonalize(a, b[:, :, :4])
+    with pytest.raises(TypeError, match="float64"):
+        orthogonalize(a, b, dtype=torch.float16)
+
+
+def test_decompose_keeps_model_and_reports_spectra(make_gpt2):
+    model = make_gpt2("3x16")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dec = cc.decompose(model)
+    spec = cc.spectra(dec)
+    assert list(spec) == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    for pairs in spec.values():
+        assert set(pairs) == {"qk", "vo"}
+        for s in pairs.values():
+            assert s.shape == (3, 16) and (s[:, :-1] >= s[:, 1:]).all()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_spectra_from_a_model_equals_spectra_from_its_decomposition(make_gpt2):
+    model = make_gpt2("5x8")
+    a, b = cc.spectra(model), cc.spectra(cc.decompose(model))
+    for name in a:
+        torch.testing.assert_close(a[name]["vo"], b[name]["vo"])
+
+
+def test_decompose_float64_path(make_gpt2):
+    model = make_gpt2("5x8").double()
+    dec = cc.decompose(model, dtype=torch.float64)
+    pd = dec.modules["transformer.h.0.attn"].pairs["qk"]
+    assert pd.a.dtype == torch.float64

@@ -1,0 +1,6 @@
+"""Every tolerance the tests use, in one place, with the reason beside any loosened one."""
+
+FP32 = dict(atol=1e-4, rtol=1e-4)  # fp32 end to end
+FP64 = dict(atol=1e-10, rtol=1e-10)  # the float64 decomposition path
+# An SVD in float32 of products whose entries are O(1): relative to the product's norm.
+FP32_FACTOR_REL = 1e-5

@@ -10,6 +10,9 @@ import torch
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 WIKITEXT = ASSETS / "data" / "wikitext-2-raw-v1-test.jsonl"
+TEXTS = ASSETS / "texts"
+HELDOUT_PLAYS = ("hamlet", "macbeth", "tempest")  # never seen by gpt2-shakespeare in training
+VALIDATION_PLAY = "julius_caesar"
 
 
 @lru_cache(maxsize=1)
@@ -35,4 +38,36 @@ def wikitext_ids(tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     if max_tokens is not None:
         text = text[: max_tokens * 12]  # ~4 characters a token: tokenize only what is needed
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return ids[:max_tokens]
+
+
+def bundled_text(name: str) -> str:
+    """A public-domain text shipped in ``assets/texts/`` (see its ATTRIBUTION.md), by file stem.
+
+    Raises:
+        ValueError: no such text; the message lists the ones there are.
+    """
+    path = TEXTS / f"{name}.txt"
+    if not path.is_file():
+        known = sorted(p.stem for p in TEXTS.glob("*.txt"))
+        raise ValueError(f"text={name!r} is not bundled; choose one of {', '.join(known)}")
+    return path.read_text(encoding="utf-8")
+
+
+def heldout_shakespeare() -> str:
+    """The held-out plays of ``gpt2-shakespeare`` (Hamlet, Macbeth, The Tempest), joined by blank lines."""
+    return "\n\n".join(bundled_text(name) for name in HELDOUT_PLAYS)
+
+
+def hamlet_ids(tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """The first ``max_tokens`` tokens of *Hamlet* (``assets/texts/hamlet.txt``) as a 1-D LongTensor.
+
+    Raises:
+        ValueError: no tokenizer, or ``max_tokens`` < 2.
+    """
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so text perplexity cannot be measured")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens={max_tokens} is too small; perplexity needs at least 2 tokens")
+    ids = tokenizer(bundled_text("hamlet"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     return ids[:max_tokens]

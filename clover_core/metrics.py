@@ -144,18 +144,30 @@ def word_error_rate(references: Sequence[str] | str, hypotheses: Sequence[str] |
 
 
 @torch.no_grad()
-def teacher_forced_loss(model: nn.Module, input_features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean token cross-entropy (nats) of reference ``labels`` under a seq2seq model, teacher-forced.
+def teacher_forced_loss(model: nn.Module, input_features: torch.Tensor, labels: torch.Tensor,
+                        decoder_input_ids: torch.Tensor | None = None) -> float:
+    """Mean token cross-entropy (nats) of a reference transcript under a seq2seq model, teacher-forced.
 
     Args:
         model: e.g. ``WhisperForConditionalGeneration``.
         input_features: ``(B, n_mels, frames)`` log-mel features.
-        labels: ``(B, T)`` reference token ids, ``-100`` where ignored; the model shifts them.
+        labels: ``(B, T)`` reference token ids, ``-100`` where not scored (e.g. the prompt tokens).
+        decoder_input_ids: ``(B, T)`` decoder inputs aligned with ``labels`` (position t predicts
+            ``labels[:, t]``); default: the model shifts ``labels`` right itself.
+
+    Raises:
+        ValueError: no token is scored, or the shapes do not align.
     """
+    if not (labels != -100).any():
+        raise ValueError("labels hold no scored token (all -100)")
+    if decoder_input_ids is not None and decoder_input_ids.shape != labels.shape:
+        raise ValueError(f"decoder_input_ids {tuple(decoder_input_ids.shape)} and labels {tuple(labels.shape)} "
+                         "must have the same shape")
     device = _device(model)
     dtype = next(model.parameters()).dtype
-    out = model(input_features=input_features.to(device, dtype), labels=labels.to(device))
-    logits = out.logits.float()
+    kwargs = {"labels": labels.to(device)} if decoder_input_ids is None else {
+        "decoder_input_ids": decoder_input_ids.to(device)}
+    logits = model(input_features=input_features.to(device, dtype), **kwargs).logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(device).reshape(-1),
                            ignore_index=-100).item()
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from transformers.initialization import no_init_weights
 
 from .adapters import adapter_for
 from .attention import padded_width
+from .model_card import CARD, model_card
 from .prune import FORMAT, attach_ranks, pruning_record, record, set_submodule
+from .remote import base_class, export_code
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +37,17 @@ WEIGHT_NAMES = ("model", "diffusion_pytorch_model")  # transformers, diffusers
 
 def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, processor=None, dtype: torch.dtype | None = None,
                 max_shard_size: str = "2GB") -> Path:
-    """Write a pruned model to ``out_dir`` atomically (a temporary folder, then a rename).
+    """Write a pruned model to ``out_dir`` atomically (a temporary folder, then a rename), as a folder
+    ready for the Hugging Face Hub: safetensors weights, ``config.json`` with the CLOVER record, the
+    processor's files, a ``README.md`` model card, and self-contained modeling code that
+    ``config.json``'s ``auto_map`` points at, so ``from_pretrained(..., trust_remote_code=True)``
+    loads it without clover_core (GPT-2, Llama, Whisper, diffusers UNet).
 
     Args:
         model: a model returned by :func:`clover_core.prune` (its config carries ``clover``).
         out_dir: target folder; it must not exist, be empty, or hold an earlier CLOVER checkpoint.
-        processor: optional tokenizer / processor saved beside the weights.
+        processor: optional tokenizer / processor saved beside the weights (a diffusers pipeline's
+            other components are not written: the folder holds the UNet, the card names the base).
         dtype: cast the saved weights (e.g. ``torch.float16``); default: the model's dtype.
         max_shard_size: shard the safetensors above this size.
 
@@ -50,7 +58,8 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, processor=None,
         ValueError: the model is not a pruned model, or ``dtype`` is not floating point.
         FileExistsError: ``out_dir`` holds something that is not a CLOVER checkpoint.
     """
-    if pruning_record(model) is None:
+    meta = pruning_record(model)
+    if meta is None:
         raise ValueError("save_pruned expects a model returned by clover_core.prune (no config.clover found)")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use torch.float16/bfloat16/float32")
@@ -60,8 +69,10 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, processor=None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _save_weights(model, tmp, dtype, max_shard_size)
-        if processor is not None:
-            processor.save_pretrained(tmp)
+        _save_processor(processor, tmp)
+        auto_map = export_code(model, tmp)
+        _update_config(tmp, auto_map, dtype)
+        (tmp / CARD).write_text(model_card(model, meta, out.name, auto_map, dtype))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +88,28 @@ def _save_weights(model: nn.Module, folder: Path, dtype: torch.dtype | None, max
         return
     state = None if dtype is None else {k: v.to(dtype) for k, v in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
+
+
+def _save_processor(processor, folder: Path) -> None:
+    if processor is None:
+        return
+    diffusers = sys.modules.get("diffusers")  # a pipeline can only exist once diffusers is imported
+    if diffusers is not None and isinstance(processor, diffusers.DiffusionPipeline):
+        log.warning("processor is a %s: only the pruned UNet is saved, not the pipeline's other components; "
+                    "load the base pipeline and pass unet= (see the folder's README.md)", type(processor).__name__)
+        return
+    processor.save_pretrained(folder)
+
+
+def _update_config(folder: Path, auto_map: dict[str, str], dtype: torch.dtype | None) -> None:
+    """Point ``config.json`` at the modeling code, and record the saved dtype (transformers reads it)."""
+    config = read_config(folder)
+    config.pop("auto_map", None)
+    if auto_map:
+        config["auto_map"] = auto_map
+    if dtype is not None and "dtype" in config:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+    (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _check_target(out: Path) -> None:
@@ -114,6 +147,14 @@ def read_config(folder: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is corrupted") from None
 
 
+def _load_generation_config(model: nn.Module, folder: Path) -> None:
+    """Restore ``generation_config.json`` (Whisper's language/task ids, suppressed tokens) when saved."""
+    if (folder / "generation_config.json").is_file() and hasattr(model, "generation_config"):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+
+
 def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a folder written by :func:`save_pruned` (no ``trust_remote_code``, no pickle).
 
@@ -136,6 +177,7 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None) 
     model = _skeleton(folder, raw, meta)
     _load_weights(model, folder)
     record(model, meta)
+    _load_generation_config(model, folder)
     return (model if dtype is None else model.to(dtype)).eval()
 
 
@@ -154,15 +196,16 @@ def _skeleton(folder: Path, raw: dict, meta: dict) -> nn.Module:
 
 def _empty_model(folder: Path, raw: dict) -> nn.Module:
     """The original architecture named by the config, with uninitialized weights."""
+    raw = {k: v for k, v in raw.items() if k != "auto_map"}  # the folder's remote code, not used here
     if "_class_name" in raw:  # a diffusers model
         import diffusers
 
-        cls = getattr(diffusers, str(raw["_class_name"]), None)
+        cls = getattr(diffusers, str(raw["_class_name"]), None) or base_class(str(raw["_class_name"]))
         if cls is None or not hasattr(cls, "from_config"):
             raise ValueError(f"{folder / CONFIG} names class {raw['_class_name']!r}, which diffusers does not provide")
         return cls.from_config({k: v for k, v in raw.items() if k != "clover"})
     arch = (raw.get("architectures") or [None])[0]
-    cls = getattr(transformers, str(arch), None)
+    cls = getattr(transformers, str(arch), None) or base_class(str(arch))
     if cls is None or not hasattr(cls, "config_class"):
         raise ValueError(f"{folder / CONFIG} names architecture {arch!r}, which transformers does not provide")
     with no_init_weights():

@@ -8,6 +8,7 @@ approximation of the head's product); vanilla keeps the original head dimensions
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from typing import Literal, get_args
 
 import torch
 from torch import nn
+from transformers.initialization import no_init_weights
 
 from .adapters import Adapter
 from .attention import padded_width
 from .decompose import PAIRS, Decomposition, ModuleDecomposition, decompose
+from .model_card import origin
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,8 @@ def _top_r(scores: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def prune(model_or_dec: nn.Module | Decomposition, ratio: float | None = None, target: Target = "qk",
-          method: Method = "clover", mode: Mode = "uniform", threshold: float | None = None) -> nn.Module:
+          method: Method = "clover", mode: Mode = "uniform", threshold: float | None = None, *,
+          share_weights: bool = False) -> nn.Module:
     """A new, physically smaller model; the input model is left untouched.
 
     Args:
@@ -138,6 +142,11 @@ def prune(model_or_dec: nn.Module | Decomposition, ratio: float | None = None, t
             ``ratio``-quantile threshold over all heads and layers) or ``"threshold"``.
         threshold: absolute score threshold for ``mode="threshold"``; directions with a score
             ``<= threshold`` are removed.
+        share_weights: reuse, instead of copying, every parameter and buffer outside the attention
+            modules (embeddings, MLPs, norms). Re-pruning from a cached decomposition then costs no
+            copy of the model and no extra memory, but the pruned model and the original hold the
+            same tensors: use it for read-only work (evaluation, an interactive ratio slider);
+            training or editing either model in place would change both.
 
     Returns:
         The pruned model; ``model.config.clover`` records the method and every head's kept rank.
@@ -150,7 +159,7 @@ def prune(model_or_dec: nn.Module | Decomposition, ratio: float | None = None, t
         ratio = 0.0
     config = PruneConfig(ratio=ratio, target=target, method=method, mode=mode, threshold=threshold)
     dec = model_or_dec if isinstance(model_or_dec, Decomposition) else decompose(_as_model(model_or_dec))
-    return build(dec, plan(dec, config), config)
+    return build(dec, plan(dec, config), config, share_weights=share_weights)
 
 
 def _as_model(model: object) -> nn.Module:
@@ -159,25 +168,45 @@ def _as_model(model: object) -> nn.Module:
     return model
 
 
-def build(dec: Decomposition, masks: Plan, config: PruneConfig) -> nn.Module:
-    """Copy ``dec.model`` with every attention module rebuilt to keep only the directions in ``masks``."""
+def build(dec: Decomposition, masks: Plan, config: PruneConfig, *, share_weights: bool = False) -> nn.Module:
+    """Copy ``dec.model`` with every attention module rebuilt to keep only the directions in ``masks``;
+    ``share_weights`` reuses the other modules' tensors instead of copying them (see :func:`prune`)."""
     model = dec.model
-    skip = {id(model.get_submodule(name)): None for name in dec.modules}  # rebuilt below, never copied
-    new = copy.deepcopy(model, skip)
+    memo = {id(model.get_submodule(name)): None for name in dec.modules}  # rebuilt below, never copied
+    if share_weights:  # deepcopy returns what its memo already holds: the very same tensors
+        memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+    new = copy.deepcopy(model, memo)
     ranks: dict[str, dict[str, list[int]]] = {}
     with torch.no_grad():
         for name, md in dec.modules.items():
-            module = _prune_module(model.get_submodule(name), md, masks[name], config.method)
+            module = prune_module(model.get_submodule(name), md, masks[name], config.method)
             set_submodule(new, name, module)
             ranks[name] = module.clover_ranks
-    record(new, {"format": FORMAT, "method": config.method, "mode": config.mode, "target": config.target,
-                 "ratio": config.ratio, "threshold": config.threshold, "ranks": ranks})
+    record(new, pruning_meta(model, config, ranks))
     log.info("pruned %d attention modules (%s, %s, %s)", len(ranks), config.method, config.mode, config.target)
     return new
 
 
-def _prune_module(original: nn.Module, md: ModuleDecomposition, masks: dict[str, torch.Tensor],
-                  method: str) -> nn.Module:
+def pruning_meta(model: nn.Module, config: PruneConfig, ranks: dict[str, dict[str, list[int]]]) -> dict:
+    """The ``clover`` record of ``model`` pruned by ``config`` to ``ranks``, with the base model and
+    its sizes before pruning (for the model card)."""
+    return {"format": FORMAT, "method": config.method, "mode": config.mode, "target": config.target,
+            "ratio": config.ratio, "threshold": config.threshold, "ranks": ranks,
+            **origin(model, pruning_record(model))}
+
+
+def prune_module(original: nn.Module, md: ModuleDecomposition, masks: dict[str, torch.Tensor],
+                 method: str) -> nn.Module:
+    """One attention module rebuilt smaller: the directions ``masks`` keeps, per pair (no SVD).
+
+    Args:
+        original: the module as it is in the model; md: its decomposition.
+        masks: ``{pair: kept mask (G, head_dim)}`` for the pruned pairs (others are kept whole).
+        method: ``"clover"`` (rotated factors) or ``"vanilla"`` (original columns).
+
+    Returns:
+        The new module, with ``clover_ranks`` and the sizes they imply attached.
+    """
     adapter, original_factors = md.adapter, None
     selected, ranks = {}, {}
     for pair, pd in md.pairs.items():
@@ -189,7 +218,8 @@ def _prune_module(original: nn.Module, md: ModuleDecomposition, masks: dict[str,
             score, kept = pd.vanilla, masks.get(pair, torch.ones_like(pd.vanilla, dtype=torch.bool))
         selected[pair] = select_columns(a, b, score, kept)
         ranks[pair] = kept.sum(dim=1).tolist()
-    module = adapter.pruned(original, {p: padded_width(r) for p, r in ranks.items()})
+    with no_init_weights():  # every weight is written by load_factors: skip the random initialization
+        module = adapter.pruned(original, {p: padded_width(r) for p, r in ranks.items()})
     adapter.load_factors(module, selected)
     attach_ranks(module, adapter, ranks)
     return module.train(original.training)
@@ -204,9 +234,20 @@ def select_columns(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor,
 
     Returns:
         ``(a_kept, b_kept)`` of shapes ``(G, m, w)`` and ``(G, n, w)``, ``w = padded_width(ranks)``.
+        A pair that keeps every direction comes back as it is, in its original column order; when
+        the kept columns are already the leading ones, best first (CLOVER's sorted spectra), the
+        result is a view, and nothing is gathered.
     """
+    if kept.all():
+        return a, b
     ranks = kept.sum(dim=1)  # (G,)
     width = padded_width(ranks.tolist())
+    if _leading(kept, ranks, score):
+        a_kept, b_kept = a[..., :width], b[..., :width]  # (G, m, w), (G, n, w): views
+        if (ranks == width).all():
+            return a_kept, b_kept
+        live = (torch.arange(width, device=ranks.device)[None] < ranks[:, None]).to(a)[:, None, :]  # (G, 1, w)
+        return a_kept * live, b_kept * live
     order = torch.argsort(score.masked_fill(~kept, -math.inf), dim=1, descending=True, stable=True)[:, :width]
     live = (torch.arange(width, device=ranks.device)[None] < ranks[:, None]).to(a.dtype)  # (G, w)
     idx = order.to(a.device)[:, None, :]  # (G, 1, w)
@@ -214,6 +255,12 @@ def select_columns(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor,
     a_kept = a.gather(2, idx.expand(-1, a.shape[1], -1)) * live
     b_kept = b.gather(2, idx.expand(-1, b.shape[1], -1)) * live
     return a_kept, b_kept
+
+
+def _leading(kept: torch.Tensor, ranks: torch.Tensor, score: torch.Tensor) -> bool:
+    """Whether each group keeps exactly its first ``ranks[g]`` columns and they are ordered best first."""
+    first = torch.arange(kept.shape[1], device=kept.device)[None] < ranks[:, None]  # (G, k)
+    return bool(torch.equal(kept, first) and (score[:, :-1] >= score[:, 1:]).all())
 
 
 def attach_ranks(module: nn.Module, adapter: Adapter, ranks: dict[str, list[int]]) -> None:

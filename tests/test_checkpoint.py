@@ -117,3 +117,130 @@ def test_tampered_shapes_are_refused(saved):
 def test_is_checkpoint(saved, tmp_path):
     assert checkpoint.is_checkpoint(saved)
     assert not checkpoint.is_checkpoint(tmp_path)
+
+
+# --------------------------------------------------------------------------- sharded and damaged files
+
+
+@pytest.fixture
+def sharded(pruned, tmp_path):
+    out = cc.save_pruned(pruned, tmp_path / "sharded", max_shard_size="20KB")
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+    return out
+
+
+def test_sharded_checkpoint_round_trips(sharded, pruned, tokens):
+    assert len(checkpoint.weight_files(sharded)) > 1
+    torch.testing.assert_close(logits(cc.load_pruned(sharded), tokens), logits(pruned, tokens), **FP32)
+
+
+def test_truncated_or_missing_shard_names_the_shard(sharded):
+    first, second = checkpoint.weight_files(sharded)[:2]
+    first.write_bytes(first.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{first.name} cannot be read.*corrupted or truncated"):
+        cc.load_pruned(sharded)
+    first.unlink()
+    with pytest.raises(ValueError, match=f"{first.name} cannot be read"):
+        cc.load_pruned(sharded)
+
+
+def test_corrupted_index_and_header_name_the_file(sharded, saved):
+    (sharded / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not a valid safetensors index"):
+        cc.load_pruned(sharded)
+    path = saved / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[:8] = (2**40).to_bytes(8, "little")  # a header length far past the end of the file
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors cannot be read.*corrupted or truncated"):
+        cc.load_pruned(saved)
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def read_card(folder):
+    """The card's YAML front matter (dict) and body rows ``{label: [cells]}``."""
+    import yaml
+
+    _, front, body = (folder / "README.md").read_text().split("---\n", 2)
+    rows = {}
+    for line in body.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            label, *cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[label] = cells
+    return yaml.safe_load(front), rows, body
+
+
+def number(cell: str) -> int:
+    return int(cell.replace(",", ""))
+
+
+CARD_CASES = {  # family -> fixture, target, library, auto class in the loading example
+    "gpt2": ("make_gpt2", "both", "transformers", "AutoModelForCausalLM"),
+    "llama": ("make_llama", "vo", "transformers", "AutoModelForCausalLM"),
+    "whisper": ("make_whisper", "both", "transformers", "AutoModelForSpeechSeq2Seq"),
+    "unet": ("make_unet", "qk", "diffusers", "AutoModel"),
+}
+
+
+@pytest.mark.parametrize("family", list(CARD_CASES))
+def test_model_card_reports_the_true_figures(family, request, tmp_path):
+    from clover_core.metrics import kv_cache_bytes_per_token, parameter_count
+
+    fixture, target, library, auto = CARD_CASES[family]
+    original = request.getfixturevalue(fixture)()
+    pruned = cc.prune(original, ratio=0.4, target=target, mode="global")
+    folder = cc.save_pruned(pruned, tmp_path / f"pruned-{family}")
+    meta, rows, body = read_card(folder)
+
+    assert meta["library_name"] == library and meta["tags"] == ["clover", "pruning"]
+    assert "base_model" not in meta  # built from a config: no Hub id to name
+    assert [number(c) for c in rows["parameters"]] == [parameter_count(original), parameter_count(pruned)]
+    assert parameter_count(pruned) < parameter_count(original)
+    if family == "unet":
+        assert rows["KV-cache bytes per token"] == ["none (no KV cache)", "none"]
+    else:
+        kv = [number(c) for c in rows["KV-cache bytes per token (float32)"]]
+        assert kv == [kv_cache_bytes_per_token(original), kv_cache_bytes_per_token(pruned)]
+        assert kv[1] < kv[0]
+    assert rows["method"] == ["clover"] and rows["mode"] == ["global"] and rows["ratio"][0].startswith("0.4 ")
+    assert f'{auto}.from_pretrained("pruned-{family}", trust_remote_code=True)' in body
+    assert f'cc.load_pruned("pruned-{family}")' in body
+    assert json.loads((folder / "config.json").read_text())["auto_map"][auto].startswith("modeling_clover_")
+
+
+def test_model_card_survives_reload_and_reports_the_saved_dtype(pruned, make_gpt2, tmp_path):
+    from clover_core.metrics import kv_cache_bytes_per_token
+
+    first = cc.save_pruned(pruned, tmp_path / "first")
+    again = cc.save_pruned(cc.load_pruned(first), tmp_path / "again", dtype=torch.float16)
+    _, rows_first, _ = read_card(first)
+    _, rows_again, _ = read_card(again)
+    assert rows_again["parameters"] == rows_first["parameters"]  # "before" travels in the record
+    full = kv_cache_bytes_per_token(make_gpt2("5x8"))  # float32
+    assert [number(c) for c in rows_again["KV-cache bytes per token (float16)"]] == [
+        full // 2, kv_cache_bytes_per_token(pruned) // 2]
+    assert json.loads((again / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_model_card_names_a_hub_base_model_but_never_a_local_path(make_gpt2, tmp_path):
+    model = make_gpt2()
+    model.config._name_or_path = "openai-community/gpt2"
+    meta, _, body = read_card(cc.save_pruned(cc.prune(model, ratio=0.5), tmp_path / "hub"))
+    assert meta["base_model"] == "openai-community/gpt2" and "`openai-community/gpt2` with its attention" in body
+    model.config._name_or_path = str(tmp_path)
+    meta, _, body = read_card(cc.save_pruned(cc.prune(model, ratio=0.5), tmp_path / "local"))
+    assert "base_model" not in meta and str(tmp_path) not in body
+
+
+def test_a_pipeline_as_processor_writes_only_the_unet(make_unet, tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    unet = make_unet()
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler(),
+                                     add_watermarker=False)
+    folder = cc.save_pruned(cc.prune(unet, ratio=0.5, target="vo"), tmp_path / "unet", processor=pipe)
+    assert not (folder / "model_index.json").exists() and not (folder / "unet").exists()
+    assert (folder / "diffusion_pytorch_model.safetensors").is_file()

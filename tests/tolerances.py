@@ -4,3 +4,7 @@ FP32 = dict(atol=1e-4, rtol=1e-4)  # fp32 end to end
 FP64 = dict(atol=1e-10, rtol=1e-10)  # the float64 decomposition path
 # An SVD in float32 of products whose entries are O(1): relative to the product's norm.
 FP32_FACTOR_REL = 1e-5
+# A pure tone through a band-limited resampler (soxr) keeps its energy to well within 1%.
+RESAMPLED_RMS_REL = 1e-2
+# The same float32 computation on differently aligned buffers (BLAS may pick other kernels): last bits only.
+SAME_MATH = dict(atol=1e-6, rtol=1e-5)

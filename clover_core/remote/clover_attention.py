@@ -1,0 +1,72 @@
+"""Attention for CLOVER-pruned heads, shared by the modeling files of a pruned checkpoint.
+
+This file is copied into every pruned folder by ``clover_core.save_pruned`` and runs with
+transformers and torch alone (``trust_remote_code=True``): it must never import ``clover_core``.
+Pruned heads keep fewer query/key and value features than ``head_dim``, so the softmax scale is
+passed explicitly (the ORIGINAL ``1/sqrt(head_dim)``); it is never inferred from the pruned width.
+Each layer stores the largest per-head rank; shorter heads are zero-padded, which changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+def padded_width(ranks: list[int]) -> int:
+    """The width a layer stores for ragged per-head ranks: the largest rank, at least 1."""
+    return max(1, max(ranks, default=0))
+
+
+def eager_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scaling: float, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention. q: ``(B, nh, T, qk)``, k: ``(B, nkv, S, qk)``, v: ``(B, nkv, S, v)``
+    -> ``(B, T, nh, v)``; each KV head serves ``nh / nkv`` consecutive query heads."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, *)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (B, nh, T, S)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., : k.shape[-2]], torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask[..., : k.shape[-2]]
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, v).transpose(1, 2), weights  # (B, T, nh, v)
+
+
+def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scaling: float, dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's configured attention implementation (SDPA by default) with an explicit ``scaling``;
+    returns ``(out, weights)`` with ``out`` shaped ``(B, T, nh, v_dim)``."""
+    impl = getattr(module.config, "_attn_implementation", "eager") or "eager"
+    dropout = dropout if module.training else 0.0
+    if impl == "eager":
+        return eager_attention(module, q, k, v, mask, scaling, dropout=dropout)
+    kwargs.pop("output_attentions", None)
+    return ALL_ATTENTION_FUNCTIONS[impl](module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def shrink_attention(model: nn.Module, build) -> None:
+    """Replace every attention module listed in ``model.config.clover["ranks"]`` by its pruned form.
+
+    Args:
+        model: a freshly constructed model of the original architecture.
+        build: ``build(original_module, widths) -> new module``, ``widths = {"qk": w, "vo": w}`` for
+            the pairs that were pruned (the padded per-layer widths).
+
+    Raises:
+        ValueError: the config has no CLOVER record, or names a module the model does not have.
+    """
+    record = getattr(model.config, "clover", None)
+    if not isinstance(record, dict) or not isinstance(record.get("ranks"), dict):
+        raise ValueError("config.json has no 'clover' entry with per-head ranks; this is not a CLOVER checkpoint")
+    for name, ranks in record["ranks"].items():
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"config.json lists ranks for {name!r}, which the model does not have") from None
+        parent, _, child = name.rpartition(".")
+        new = build(original, {pair: padded_width(r) for pair, r in ranks.items()})
+        setattr(model.get_submodule(parent) if parent else model, child, new)

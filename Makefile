@@ -1,5 +1,5 @@
-# Quick start:  make demo   (set up .venv, run the main job offline)
-#               make test   (set up .venv, run the test suite)
+# Quick start:  make demo   (set up .venv, start the web app on an offline model: http://127.0.0.1:7860)
+#               make test   (set up .venv and the system Chromium, run the test suite)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,8 +7,17 @@ PY := $(VENV)/bin/python
 # requirements.txt is already satisfied and no multi-GB CUDA build is pulled in.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo cli-demo test clean chromium
 setup: $(VENV)/.installed
+
+# The browser test (tests/test_browser.py) drives the system Chromium, never a downloaded one.
+# Installed with apt when missing: directly as root, else through passwordless sudo; a machine where
+# neither works stops here with the command to run, rather than testing without a browser.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; \
+	} || { echo "error: the browser test needs Debian's chromium; install it with: sudo apt-get install chromium" >&2; exit 1; }
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-offline.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +27,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-offline.t
 	touch $@
 
 demo: setup
+	$(PY) app.py
+
+cli-demo: setup
 	$(PY) -m clover_core demo
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q
 
 clean:

@@ -20,6 +20,7 @@ from .data import wikitext_ids
 from .decompose import decompose, spectra
 from .models import EMBEDDED, load_model
 from .prune import PruneConfig, prune
+from .stream import is_sharded, stream_prune
 
 DEFAULT_MODEL = "gpt2-tiny-random"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("spectra", help="write every head's Q-K and V-O singular values as JSON")
     _model_arg(sp)
     sp.add_argument("--out", required=True, help="JSON file to write")
-    pp = sub.add_parser("prune", help="prune a model and save it as a safetensors checkpoint folder")
+    pp = sub.add_parser("prune", help="prune a model and save it as a safetensors checkpoint folder; a sharded "
+                        "folder (model.safetensors.index.json) is streamed module by module, never loaded whole")
     _model_arg(pp)
     _prune_args(pp)
     pp.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
@@ -71,13 +73,19 @@ def cmd_spectra(args: argparse.Namespace) -> None:
     print(f"wrote the spectra of {len(spec)} attention modules to {args.out}")
 
 
-def _check_prune_args(args: argparse.Namespace) -> None:
+def _check_prune_args(args: argparse.Namespace) -> PruneConfig:
     """Validate the pruning request before any model is loaded, so bad input fails fast."""
-    PruneConfig(ratio=args.ratio, target=args.target, method=args.method, mode=args.mode, threshold=args.threshold)
+    return PruneConfig(ratio=args.ratio, target=args.target, method=args.method, mode=args.mode,
+                       threshold=args.threshold)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    _check_prune_args(args)
+    config = _check_prune_args(args)
+    if is_sharded(args.model) and not checkpoint.is_checkpoint(args.model):  # larger than memory, maybe
+        out, pruned = stream_prune(args.model, args.out, config, dtype=DTYPES[args.dtype] if args.dtype else None)
+        print(_size_line("pruned", pruned))
+        print(f"saved to {out} (streamed module by module)")
+        return
     bundle = load_model(args.model)
     pruned = prune(bundle.model, ratio=args.ratio, target=args.target, method=args.method,
                    mode=args.mode, threshold=args.threshold)

@@ -2,8 +2,9 @@
 
 A head's Q-K pair (or V-O pair) is a factorization ``A @ B.T`` of a large matrix with only
 ``head_dim`` inner directions. We rewrite it as ``A' @ B'.T`` with orthogonal columns ordered by
-singular value, without ever forming the product: thin QR of each factor, then an SVD of the small
-``head_dim x head_dim`` core, batched over heads.
+singular value, without ever forming the product: triangular factors of each factor (from its Gram
+matrix), then an SVD of the small ``head_dim x head_dim`` core, batched over heads. The cost is two
+GEMM passes over the attention weights; see ``benchmarks/decompose_speed.py``.
 """
 
 from __future__ import annotations
@@ -21,15 +22,27 @@ log = logging.getLogger(__name__)
 PAIRS = ("qk", "vo")
 
 
+# Orthogonality a Gram-route group may lose, at most: u * ||R^-1||_F^2 (R the Cholesky factor of the
+# column-scaled Gram matrix) bounds it; groups above this go through Householder QR instead.
+GRAM_TOLERANCE = 2e-4
+
+
 def orthogonalize(
     a: torch.Tensor, b: torch.Tensor, *, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rewrite batched factor pairs in their singular-vector basis.
 
+    Two GEMM passes over the factors: their ``k x k`` Gram matrices give the triangular factors
+    ``R`` of ``A = Q_a R_a`` (Cholesky, float64), the SVD of the small core ``R_a R_b^T`` gives the
+    rotation, and one multiplication ``A' = A @ T_a`` applies it. ``Q`` is never formed, and all the
+    small ``k x k`` algebra runs in float64 on the CPU (LAPACK), wherever the factors live. Groups whose
+    factors are rank-deficient or too ill-conditioned for the Gram route (see ``GRAM_TOLERANCE``) fall
+    back to Householder QR, so every input gets an exact answer.
+
     Args:
         a: ``(G, m, k)`` left factors (one per head or KV group).
         b: ``(G, n, k)`` right factors; ``a[g] @ b[g].T`` is head g's product.
-        dtype: the precision of the QR/SVD (float32 or float64).
+        dtype: the precision of the big GEMMs / QR (float32 or float64).
 
     Returns:
         ``(a_rot, b_rot, s)``: ``a_rot = U sqrt(S)`` and ``b_rot = V sqrt(S)``, both shaped like the
@@ -42,19 +55,76 @@ def orthogonalize(
         ValueError: mismatched batch or inner dimensions.
     """
     _check_factors(a, b, dtype)
-    g, m, k = a.shape
-    qa, ra = torch.linalg.qr(a.to(dtype))  # (G, m, ka), (G, ka, k)
-    qb, rb = torch.linalg.qr(b.to(dtype))  # (G, n, kb), (G, kb, k)
+    ac, bc = a.to(dtype), b.to(dtype)
+    ta, tb, s, ok = _gram_rotation(ac, bc)
+    a_rot, b_rot = ac @ ta.to(ac), bc @ tb.to(bc)  # (G, m, k), (G, n, k)
+    s = s.to(device=a.device, dtype=dtype)
+    if not ok.all():
+        bad = (~ok).nonzero().squeeze(1).to(a.device)
+        a_rot[bad], b_rot[bad], s[bad] = _householder(ac[bad], bc[bad])
+        log.debug("%d of %d groups took the Householder QR route", len(bad), len(ok))
+    return a_rot.to(a.dtype), b_rot.to(b.dtype), s
+
+
+def _gram_rotation(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The ``k x k`` transforms ``T_a, T_b`` with ``A T_a = U sqrt(S)``, ``B T_b = V sqrt(S)``.
+
+    Returns ``(T_a, T_b, s, ok)`` in float64 on the CPU; ``ok[g]`` is False where group g needs QR.
+    """
+    u = torch.finfo(a.dtype).eps / 2  # unit roundoff of the Gram GEMMs
+    ra, ra_inv, ok_a = _scaled_cholesky((a.mT @ a).to("cpu", torch.float64), u)  # (G, k, k) each
+    rb, rb_inv, ok_b = _scaled_cholesky((b.mT @ b).to("cpu", torch.float64), u)
+    uc, s, vc = _core_svd(ra @ rb.mT)  # core (G, k, k): A B^T = Q_a (R_a R_b^T) Q_b^T
+    root = s.sqrt().unsqueeze(1)  # (G, 1, k)
+    return ra_inv @ uc * root, rb_inv @ vc * root, s, ok_a & ok_b
+
+
+def _core_svd(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, s, V)`` of float64 ``k x k`` cores, descending, via the symmetric eigenproblem of
+    ``core @ core.T`` (about twice as fast as an SVD for 64 x 64). Its singular values carry a
+    relative error of ``eps64 * (s_max / s_i)^2``; cores with ``s_min < 1e-5 s_max`` use the SVD."""
+    lam, u = torch.linalg.eigh(core @ core.mT)  # ascending
+    s, u = lam.flip(-1).clamp_min(0).sqrt(), u.flip(-1)
+    fine = s[:, -1] > 1e-5 * s[:, 0]
+    v = core.mT @ u / torch.where(fine[:, None], s, 1.0).unsqueeze(1)  # V = core^T U S^-1
+    if not fine.all():
+        idx = (~fine).nonzero().squeeze(1)
+        u[idx], s[idx], vh = torch.linalg.svd(core[idx])
+        v[idx] = vh.mT
+    return u, s, v
+
+
+def _scaled_cholesky(gram: torch.Tensor, u: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``R`` with ``R^T R = gram``, its inverse, and whether the Gram route is accurate for each group.
+
+    The Cholesky runs on the column-scaled Gram (unit diagonal), so the error bound depends on the
+    conditioning of the columns' directions, not their norms. Failed groups get the identity.
+    """
+    norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()  # (G, k) column norms
+    ok = (norms > 0).all(dim=-1)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    r, info = torch.linalg.cholesky_ex(gram / norms[:, :, None] / norms[:, None, :], upper=True)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype).expand_as(gram)
+    ok &= info == 0
+    r = torch.where(ok[:, None, None], r, eye)
+    r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
+    ok &= u * r_inv.pow(2).sum(dim=(-2, -1)) <= GRAM_TOLERANCE
+    return r * norms[:, None, :], r_inv / norms[:, :, None], ok
+
+
+def _householder(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact fallback: thin QR of each factor, SVD of the ``k x k`` core, zero-padded to ``k``."""
+    k = a.shape[-1]
+    qa, ra = torch.linalg.qr(a)  # (G, m, ka), (G, ka, k)
+    qb, rb = torch.linalg.qr(b)  # (G, n, kb), (G, kb, k)
     uc, s, vch = torch.linalg.svd(ra @ rb.transpose(1, 2), full_matrices=False)  # core (G, ka, kb)
     root = s.sqrt().unsqueeze(1)  # (G, 1, r)
     a_rot = (qa @ uc) * root  # (G, m, r)
     b_rot = (qb @ vch.transpose(1, 2)) * root  # (G, n, r)
     r = s.shape[-1]
     if r < k:  # fewer than k directions exist: pad with zero columns
-        a_rot = nn.functional.pad(a_rot, (0, k - r))
-        b_rot = nn.functional.pad(b_rot, (0, k - r))
-        s = nn.functional.pad(s, (0, k - r))
-    return a_rot.to(a.dtype), b_rot.to(b.dtype), s
+        a_rot, b_rot, s = (nn.functional.pad(t, (0, k - r)) for t in (a_rot, b_rot, s))
+    return a_rot, b_rot, s
 
 
 def vanilla_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -139,17 +209,34 @@ def decompose(model: nn.Module, *, dtype: torch.dtype = torch.float32, progress:
         TypeError: non-floating weights or an unsupported ``dtype``.
     """
     found = attention_modules(model)
-    modules: dict[str, ModuleDecomposition] = {}
-    with torch.no_grad():
-        for name, module, adapter in _maybe_tqdm(found, progress, "decomposing attention"):
-            _check_weights(name, module)
-            md = ModuleDecomposition(name, adapter)
-            for pair, (a, b) in adapter.factors(module).items():
-                a_rot, b_rot, s = orthogonalize(a, b, dtype=dtype)
-                md.pairs[pair] = PairDecomposition(a_rot, b_rot, s.float(), vanilla_scores(a, b))
-            modules[name] = md
+    modules = {name: decompose_module(name, module, adapter, dtype=dtype)
+               for name, module, adapter in _maybe_tqdm(found, progress, "decomposing attention")}
     log.info("decomposed %d attention modules", len(modules))
     return Decomposition(model, modules)
+
+
+@torch.no_grad()
+def decompose_module(name: str, module: nn.Module, adapter: Adapter, *,
+                     dtype: torch.dtype = torch.float32) -> ModuleDecomposition:
+    """Orthogonalize the pairs of ONE attention module (what :func:`decompose` does for each).
+
+    Args:
+        name: the module's dotted name in its model.
+        module: the attention module; adapter: its adapter.
+        dtype: precision of the decomposition.
+
+    Returns:
+        The module's :class:`ModuleDecomposition`.
+
+    Raises:
+        TypeError: non-floating weights or an unsupported ``dtype``.
+    """
+    _check_weights(name, module)
+    md = ModuleDecomposition(name, adapter)
+    for pair, (a, b) in adapter.factors(module).items():
+        a_rot, b_rot, s = orthogonalize(a, b, dtype=dtype)
+        md.pairs[pair] = PairDecomposition(a_rot, b_rot, s.float(), vanilla_scores(a, b))
+    return md
 
 
 def _check_weights(name: str, module: nn.Module) -> None:

@@ -1,5 +1,8 @@
 """Tiny real models from configs (odd head counts too), seeded, in eval mode. No network."""
 
+import contextlib
+import socket
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -104,3 +107,27 @@ def _randomize_biases(model):
         for name, p in model.named_parameters():
             if name.endswith(".bias") and ("attn" in name or "proj" in name or "to_out" in name):
                 p.normal_(0, 0.5)
+
+
+@contextlib.contextmanager
+def launched_app(scratch, **env):
+    """The web app on a free loopback port with an 8 GB model cache; yields its URL, closes it after.
+
+    Its quality figures use 128 WikiText-2 tokens (the page uses 512); ``env`` sets environment variables.
+    """
+    import app
+    from clover_core import session as cs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.setattr(cs, "LM_EVAL_TOKENS", 128)
+        demo = app.build_demo(cs.ModelCache(8 * 2**30), cs.ScratchFolder(scratch))
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+        try:
+            yield demo.local_url
+        finally:
+            demo.close()

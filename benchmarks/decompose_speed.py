@@ -1,0 +1,157 @@
+"""How fast is the decomposition? The engine against the public reference code, a low-rank SVD loop,
+and the memory/GEMM floor, on the attention shapes of GPT-2 XL, Whisper-large-v3 and the SDXL UNet.
+
+    PYTHONPATH=. python benchmarks/decompose_speed.py [--models gpt2-xl ...] [--device cuda]
+
+* engine: ``clover_core.orthogonalize`` on every attention module's Q-K and V-O factors (random
+  N(0, 0.02) weights of the real shapes), batched over the heads of a module, as ``decompose`` runs it.
+* reference: what the public CLOVER code does, head by head: form the head's (d+1) x (d+1)
+  product, full SVD, keep the first head_dim singular triplets.
+* svd_lowrank loop: head by head, ``torch.svd_lowrank`` of the product with q = head_dim.
+* floor: reading every attention weight once and multiplying it once (``factor @ T`` with a
+  head_dim x head_dim ``T``); the engine does two such passes plus the small per-head algebra.
+
+The baselines run on a few heads of each distinct shape and are extrapolated linearly to every head
+(each head's work is independent and identical for equal shapes); the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import add_device_args, build_model, gib, setup_device, timed  # noqa: E402
+from clover_core.adapters import attention_modules  # noqa: E402
+from clover_core.decompose import orthogonalize  # noqa: E402
+
+SHAPE_MODELS = ("gpt2-xl", "whisper-large-v3", "sdxl-unet")
+
+
+def pair_shapes(name: str) -> list[tuple[torch.Size, torch.Size]]:
+    """Every attention module's (a, b) factor shapes, both pairs, in model order (from a meta model)."""
+    model = build_model(name, "meta")
+    return [(a.shape, b.shape) for _, module, adapter in attention_modules(model)
+            for a, b in adapter.factors(module).values()]
+
+
+def random_factors(shape_a, shape_b, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    a = torch.randn(shape_a, generator=gen, device=device) * 0.02
+    return a, torch.randn(shape_b, generator=gen, device=device) * 0.02
+
+
+def reference_head(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public reference for ONE head: form the (m x n) product, full SVD, keep k triplets."""
+    k = a.shape[-1]
+    u, s, vh = torch.linalg.svd(a @ b.T, full_matrices=False)  # (m, m), (m,), (m, n) for m <= n
+    root = s[:k].sqrt()
+    return u[:, :k] * root, vh[:k].T * root
+
+
+def lowrank_head(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.svd_lowrank`` of ONE head's product, q = head_dim (the product's exact rank)."""
+    k = a.shape[-1]
+    u, s, v = torch.svd_lowrank(a @ b.T, q=k, niter=2)
+    root = s.sqrt()
+    return u * root, v * root
+
+
+def rel_error(a2: torch.Tensor, b2: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a2 b2^T - a b^T|| / ||a b^T||`` in float64 (one head)."""
+    exact = a.double() @ b.double().T
+    return ((a2.double() @ b2.double().T - exact).norm() / exact.norm()).item()
+
+
+def time_engine_and_floor(shapes, device, repeats: int, check_heads: int) -> dict:
+    """Per module: the engine and the floor, interleaved (same load), best of ``repeats`` each."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    engine = floor = 0.0
+    errors, n_bytes = [], 0
+    for i, (sa, sb) in enumerate(shapes):
+        a, b = random_factors(sa, sb, device, gen)
+        n_bytes += (a.numel() + b.numel()) * a.element_size()
+        t = torch.randn(a.shape[0], a.shape[2], a.shape[2], generator=gen, device=device)  # (G, k, k)
+        engine += timed(lambda: orthogonalize(a, b), device, repeats)
+        floor += timed(lambda: (a @ t, b @ t), device, repeats)
+        a2, b2, _ = orthogonalize(a, b)
+        errors += [rel_error(a2[h], b2[h], a[h], b[h]) for h in range(min(check_heads, a.shape[0]))]
+    return {"engine": engine, "floor": floor, "max_error": max(errors), "checked": len(errors), "bytes": n_bytes}
+
+
+def time_baseline(shapes, device, head_fn, heads_per_shape: int) -> dict:
+    """A per-head baseline timed on ``heads_per_shape`` heads of each distinct shape, extrapolated."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    counts = Counter((tuple(sa), tuple(sb)) for sa, sb in shapes)
+    total, errors, timed_heads = 0.0, [], 0
+    for (sa, sb), n_modules in counts.items():
+        n = min(heads_per_shape, sa[0])
+        a, b = random_factors((n, *sa[1:]), (n, *sb[1:]), device, gen)
+        per_head = sum(timed(lambda: head_fn(a[h], b[h]), device, repeats=1, warmup=int(h == 0))
+                       for h in range(n)) / n
+        total += per_head * sa[0] * n_modules  # every head of every module of this shape
+        errors += [rel_error(*head_fn(a[h], b[h]), a[h], b[h]) for h in range(n)]
+        timed_heads += n
+    return {"time": total, "max_error": max(errors), "timed_heads": timed_heads, "shapes": len(counts)}
+
+
+def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None:
+    shapes = pair_shapes(name)
+    heads = sum(sa[0] for sa, _ in shapes)
+    print(f"\n== {name}: {len(shapes) // 2} attention modules, {heads} head pairs (Q-K and V-O)")
+    res = time_engine_and_floor(shapes, device, args.repeats, args.check_heads)
+    print(f"  attention factors            {gib(res['bytes'])}")
+    print(f"  engine (orthogonalize)       {res['engine']:9.2f} s   ({gib(res['bytes']) } / "
+          f"{res['engine']:.2f} s = {res['bytes'] / res['engine'] / 2**30:.2f} GiB/s)")
+    print(f"  GEMM floor (read + 1 GEMM)   {res['floor']:9.2f} s   engine / floor = {res['engine'] / res['floor']:.2f}x"
+          "   (target <= 3x)")
+    for label, fn, n, target in (("full-SVD reference", reference_head, args.reference_heads, 100),
+                                 ("svd_lowrank loop", lowrank_head, args.lowrank_heads, 10)):
+        if n <= 0:
+            continue
+        base = time_baseline(shapes, device, fn, n)
+        print(f"  {label:<28} {base['time']:9.1f} s   engine is {base['time'] / res['engine']:.0f}x faster "
+              f"(target >= {target}x); extrapolated from {base['timed_heads']} timed heads "
+              f"({base['shapes']} shapes) to all {heads}; max rel error {base['max_error']:.1e}")
+    print(f"  engine max rel reconstruction error {res['max_error']:.1e} "
+          f"(float64 check of {res['checked']} heads)")
+    if args.decompose and name in ("gpt2-xl", "whisper-large-v3"):
+        time_decompose(name, device)
+
+
+def time_decompose(name: str, device: torch.device) -> None:
+    """``clover_core.decompose`` on a real-structured model (random weights), factor extraction included."""
+    import clover_core as cc
+
+    model = build_model(name, device)
+    params = sum(p.numel() for p in model.parameters())
+    seconds = timed(lambda: cc.decompose(model), device, repeats=1, warmup=0)
+    print(f"  decompose() on the full {name} model ({params / 1e9:.2f}B parameters): {seconds:.2f} s")
+    del model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_device_args(parser)
+    parser.add_argument("--models", nargs="+", default=list(SHAPE_MODELS), choices=SHAPE_MODELS)
+    parser.add_argument("--repeats", type=int, default=3, help="engine / floor runs per module (best kept)")
+    parser.add_argument("--reference-heads", type=int, default=2,
+                        help="heads per distinct shape timed for the full-SVD reference (0: skip)")
+    parser.add_argument("--lowrank-heads", type=int, default=4,
+                        help="heads per distinct shape timed for the svd_lowrank loop (0: skip)")
+    parser.add_argument("--check-heads", type=int, default=2, help="heads per module checked in float64")
+    parser.add_argument("--no-decompose", dest="decompose", action="store_false",
+                        help="skip decompose() on the full model (needs ~2x the model's size in memory)")
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name in args.models:
+            run_model(name, device, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""How long does moving the ratio slider take? Re-pruning from a cached decomposition, as a fraction
+of the decomposition itself (no SVD runs when pruning from a ``Decomposition``).
+
+    PYTHONPATH=. python benchmarks/slider_latency.py [--models gpt2-xl smollm2-135m] [--device cuda]
+
+For each model: decompose once, then ``cc.prune(dec, ratio=...)`` at several ratios and modes, with
+the default (every untouched weight copied) and with ``share_weights=True`` (embeddings, MLPs and
+norms shared with the original, for read-only use such as the app's slider).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import add_device_args, build_model, setup_device, timed  # noqa: E402
+
+import clover_core as cc  # noqa: E402
+
+RATIOS = (0.25, 0.5, 0.75)
+TARGETS = {"gpt2-xl": "qk", "gpt2-small": "qk", "smollm2-135m": "vo"}  # Llama: V-O only (rotary Q-K)
+
+
+def load(name: str, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The real SmolLM2 when the offline package is installed, else random weights of the same shapes."""
+    if name == "smollm2-135m":
+        try:
+            return cc.load_model(name).model.to(device), "real weights"
+        except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
+            print(f"  ({name} not available offline: {e}; using a config of the same shape)")
+    return build_model(name, device), "random weights, real shapes"
+
+
+def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None:
+    model, what = load(name, device)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"\n== {name} ({params / 1e6:.0f}M parameters, {what}), target {TARGETS[name]}")
+    dec = None
+
+    def decompose() -> None:
+        nonlocal dec
+        dec = cc.decompose(model)
+
+    t_dec = timed(decompose, device, repeats=args.repeats_decompose, warmup=0)
+    print(f"  decompose once                 {t_dec:8.3f} s")
+    print("  re-prune (no SVD)              copy weights         share_weights=True")
+    for mode in ("uniform", "global"):
+        for ratio in RATIOS:
+            times = []
+            for share in (False, True):
+                times.append(timed(lambda: cc.prune(dec, ratio=ratio, target=TARGETS[name], mode=mode,
+                                                    share_weights=share), device, repeats=args.repeats))
+            print(f"    {mode:<8} ratio {ratio:<5}      {times[0]:7.3f} s ({100 * times[0] / t_dec:5.1f}%)"
+                  f"    {times[1]:7.3f} s ({100 * times[1] / t_dec:5.1f}%)   of decompose (target < 2%)")
+    del dec, model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_device_args(parser)
+    parser.add_argument("--models", nargs="+", default=["gpt2-xl", "smollm2-135m"], choices=list(TARGETS))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per prune (best kept)")
+    parser.add_argument("--repeats-decompose", type=int, default=1, help="runs of decompose (best kept)")
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    with torch.no_grad():
+        for name in args.models:
+            run_model(name, device, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""End to end in a real headless browser: the page loads its default model, the user drags the
+ratio slider, and the numbers and the plots follow.
+
+Drives the system Chromium (Debian package ``chromium``; ``make setup`` installs it) through the
+Playwright package; no browser is ever downloaded.
+"""
+
+import json
+import shutil
+
+import pytest
+
+import app
+from tests.conftest import launched_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+TIMEOUT_MS = 240_000  # a loaded 2-core machine; it takes seconds when idle
+RESULTS = "#results [data-testid=markdown]"  # the table itself, not the progress text drawn over it
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    with launched_app(tmp_path_factory.mktemp("scratch"), CLOVER_DEFAULT_MODEL="gpt2-tiny-random") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "no system chromium: install it with `sudo apt-get install chromium` (make test does)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        yield page
+        browser.close()
+        assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def plot_state(page, elem_id: str) -> dict:
+    """The Plotly figure the browser drew: its traces' hover data and its shapes."""
+    return json.loads(page.evaluate(
+        """(id) => { const el = document.querySelector(`#${id} .js-plotly-plot`);
+                     return JSON.stringify({custom: el.data.map(t => t.customdata || null),
+                                            shapes: (el.layout.shapes || []).map(s => [s.x0, s.x1, s.y0, s.y1])}); }""",
+        elem_id))
+
+
+def kv_cells(results: str) -> list[str]:
+    """The KV-cache column of the results table, as the page shows it."""
+    rows = [line.split("\t") for line in results.splitlines() if "\t" in line]
+    return [row[2] for row in rows[1:]]
+
+
+def test_slider_updates_the_numbers_and_the_plots(page):
+    page.wait_for_selector("#results table", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => document.querySelector('#heatmap .js-plotly-plot')", timeout=TIMEOUT_MS)
+    results = page.inner_text(RESULTS)
+    assert app.DEFAULT_RATIO == 0.25 and "ratio 0.25" in results
+    assert kv_cells(results) == ["8,192", "7,168 (-12.5%)", "7,168 (-12.5%)"]  # a quarter of K is gone
+    heatmap, curves = plot_state(page, "heatmap"), plot_state(page, "curves")
+    assert heatmap["custom"][0][0][0][0] == 48  # layer 0, head 0 keeps 48 of 64 Q-K directions
+
+    slider = page.locator("#ratio input[type=range]")
+    box = slider.bounding_box()
+    page.mouse.click(box["x"] + 0.85 * box["width"], box["y"] + box["height"] / 2)  # press and release
+    ratio = float(page.locator("#ratio input[type=number]").input_value())
+    assert ratio > 0.5
+    page.wait_for_function("([sel, r]) => document.querySelector(sel).innerText.includes(`ratio ${r}`)",
+                           arg=[RESULTS, f"{ratio:g}"], timeout=TIMEOUT_MS)
+    kept = round(64 * (1 - ratio))
+    after = kv_cells(page.inner_text(RESULTS))
+    assert after[0] == "8,192" and after[1] == after[2] != "7,168 (-12.5%)"
+    assert after[2].startswith(f"{4 * 256 * 4 + 4 * 4 * kept * 4:,} (")  # V of 4 layers + the kept K, fp32
+    new_heatmap, new_curves = plot_state(page, "heatmap"), plot_state(page, "curves")
+    assert new_heatmap["custom"][0][0][0][0] == kept
+    assert new_curves["shapes"] != curves["shapes"] and new_curves["shapes"][0][0] == kept + 0.5

@@ -1,0 +1,174 @@
+"""Streaming prune of sharded checkpoints, and the fast paths it relies on (Gram-route decomposition,
+column selection without copies, shared weights). The oracle: the in-memory route, ``save_pruned(prune(...))``."""
+
+import importlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clover_core as cc
+from clover_core.__main__ import main
+from clover_core.decompose import orthogonalize
+from clover_core.prune import PruneConfig, select_columns
+from clover_core.stream import stream_prune
+
+from .tolerances import FP32, SAME_MATH
+
+engine = importlib.import_module("clover_core.decompose")  # the module (the package re-exports a function of that name)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def sharded(model, path):
+    """``save_pretrained`` in many small shards, the layout of large hub checkpoints."""
+    model.save_pretrained(path, max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 3
+    return path
+
+
+def assert_same_checkpoint(a, b, ids):
+    ma, mb = cc.load_pruned(a), cc.load_pruned(b)
+    assert ma.config.clover == mb.config.clover
+    sa, sb = ma.state_dict(), mb.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        torch.testing.assert_close(sa[key], sb[key], **SAME_MATH, msg=key)
+    torch.testing.assert_close(logits(ma.float(), ids), logits(mb.float(), ids), **SAME_MATH)
+
+
+@pytest.mark.parametrize("mode,kw", [("uniform", dict(ratio=0.5)), ("global", dict(ratio=0.6)),
+                                     ("threshold", dict(threshold=0.5))])
+def test_streamed_gpt2_equals_the_in_memory_route(make_gpt2, tokens, tmp_path, mode, kw):
+    src = sharded(make_gpt2("5x8"), tmp_path / "src")
+    model = cc.load_model(src).model
+    expected = cc.save_pruned(cc.prune(model, target="both", mode=mode, **kw), tmp_path / "memory")
+    out, skeleton = stream_prune(src, tmp_path / "stream", PruneConfig(target="both", mode=mode, **kw),
+                                 max_shard_size="30KB")
+    assert len(list(out.glob("model-*.safetensors"))) > 1  # written in shards
+    assert next(skeleton.parameters()).is_meta  # the model never existed in memory
+    assert cc.metrics.parameter_count(skeleton) == cc.metrics.parameter_count(cc.load_pruned(out))
+    assert_same_checkpoint(expected, out, tokens)
+    assert (out / "README.md").is_file() and (out / "modeling_clover_gpt2.py").is_file()
+
+
+def test_streamed_llama_gqa_vo_global_equals_the_in_memory_route(make_llama, tmp_path):
+    src = sharded(make_llama(bias=True), tmp_path / "src")
+    model = cc.load_model(src).model
+    expected = cc.save_pruned(cc.prune(model, ratio=0.5, target="vo", mode="global"), tmp_path / "memory")
+    out, _ = stream_prune(src, tmp_path / "stream", PruneConfig(ratio=0.5, target="vo", mode="global"))
+    assert (out / "model.safetensors").is_file()  # small enough for one output file
+    ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+    assert_same_checkpoint(expected, out, ids)
+
+
+def test_streamed_dtype_cast(make_gpt2, tokens, tmp_path):
+    src = sharded(make_gpt2("3x16"), tmp_path / "src")
+    expected = cc.save_pruned(cc.prune(cc.load_model(src).model, ratio=0.25, target="vo"), tmp_path / "memory",
+                              dtype=torch.float16)
+    out, _ = stream_prune(src, tmp_path / "stream", PruneConfig(ratio=0.25, target="vo"), dtype=torch.float16)
+    assert {t.dtype for f in out.glob("*.safetensors") for t in load_file(f).values()} == {torch.float16}
+    assert_same_checkpoint(expected, out, tokens)
+
+
+def test_rotary_qk_request_fails_before_writing(make_llama, tmp_path):
+    src = sharded(make_llama(), tmp_path / "src")
+    with pytest.raises(ValueError, match="rotary"):
+        stream_prune(src, tmp_path / "out", PruneConfig(ratio=0.5, target="qk"))
+    assert not any(p.name.startswith(".out") or p.name == "out" for p in tmp_path.iterdir())
+
+
+def test_cli_streams_a_sharded_folder(make_gpt2, tokens, tmp_path, capsys):
+    src = sharded(make_gpt2("5x8"), tmp_path / "src")
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(src), "--ratio", "0.5", "--mode", "global", "--out", str(out)]) == 0
+    assert "streamed" in capsys.readouterr().out
+    expected = cc.save_pruned(cc.prune(cc.load_model(src).model, ratio=0.5, mode="global"), tmp_path / "memory")
+    assert_same_checkpoint(expected, out, tokens)
+
+
+def test_a_truncated_shard_is_named(make_gpt2, tmp_path):
+    src = sharded(make_gpt2("5x8"), tmp_path / "src")
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        stream_prune(src, tmp_path / "out", PruneConfig(ratio=0.5))
+
+
+# The decomposition routes: Gram (two GEMM passes) for ordinary heads, Householder QR for the rest.
+
+def ill_conditioned(g=3, m=40, k=8, cond=1e5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(g, m, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(g, k, k, generator=gen, dtype=torch.float64))
+    s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), k, dtype=torch.float64)
+    return ((q * s) @ v.mT).float()  # (g, m, k) with condition number cond
+
+
+def check_exact(a, b):
+    a2, b2, s = orthogonalize(a, b)
+    product = (a.double() @ b.double().mT)
+    err = (a2.double() @ b2.double().mT - product).norm(dim=(1, 2)) / product.norm(dim=(1, 2))
+    assert err.max() < 1e-5
+    ref = torch.linalg.svdvals(product)[:, : a.shape[2]]
+    torch.testing.assert_close(s.double(), ref, atol=1e-5 * ref.max().item(), rtol=1e-4)
+    return a2, b2, s
+
+
+def test_ordinary_factors_take_the_gram_route(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the Householder fallback ran on well-conditioned factors")
+
+    monkeypatch.setattr(engine, "_householder", refuse)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 65, 16, generator=gen), torch.randn(4, 70, 16, generator=gen)
+    a2, b2, s = check_exact(a, b)
+    eye_s = torch.diag_embed(s)
+    torch.testing.assert_close(a2.mT @ a2, eye_s, **FP32)
+    torch.testing.assert_close(b2.mT @ b2, eye_s, **FP32)
+
+
+def test_ill_conditioned_and_rank_deficient_factors_fall_back_exactly(monkeypatch):
+    calls = []
+    real = engine._householder
+    monkeypatch.setattr(engine, "_householder", lambda a, b: calls.append(len(a)) or real(a, b))
+    a = ill_conditioned()
+    b = torch.randn(3, 50, 8, generator=torch.Generator().manual_seed(1))
+    check_exact(a, b)
+    assert calls == [3]
+    padded = torch.nn.functional.pad(b[:, :, :5], (0, 3))  # a pruned, zero-padded head decomposed again
+    _, _, s = check_exact(padded, torch.randn(3, 30, 8, generator=torch.Generator().manual_seed(2)))
+    assert (s[:, 5:] == 0).all()
+
+
+def test_selected_leading_columns_equal_the_gathered_ones():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 9, 8, generator=gen), torch.randn(4, 7, 8, generator=gen)
+    score = torch.rand(4, 8, generator=gen).sort(dim=1, descending=True).values
+    ranks = torch.tensor([[5], [3], [0], [5]])
+    kept = torch.arange(8)[None] < ranks  # leading columns, ragged ranks
+    fast = select_columns(a, b, score, kept)
+    live = (torch.arange(5)[None] < ranks).float()[:, None, :]  # (G, 1, 5)
+    expected = (a[..., :5] * live, b[..., :5] * live)
+    rev = torch.arange(8).flip(0)  # the same columns in reverse order: the general gather path
+    gathered = select_columns(a[..., rev], b[..., rev], score[:, rev], kept[:, rev])
+    for x, y, z in zip(fast, expected, gathered):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+        torch.testing.assert_close(x, z, rtol=0, atol=0)
+    assert select_columns(a, b, score, torch.ones_like(kept)) == (a, b)  # nothing pruned: untouched
+
+
+def test_shared_weights_are_shared_and_give_the_same_model(make_gpt2, tokens):
+    model = make_gpt2("5x8")
+    dec = cc.decompose(model)
+    shared = cc.prune(dec, ratio=0.5, target="both", share_weights=True)
+    copied = cc.prune(dec, ratio=0.5, target="both")
+    assert shared.transformer.wte.weight is model.transformer.wte.weight
+    assert shared.transformer.h[0].mlp.c_fc.weight is model.transformer.h[0].mlp.c_fc.weight
+    assert copied.transformer.wte.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    assert shared.config is not model.config and "clover" not in model.config.to_dict()
+    torch.testing.assert_close(logits(shared, tokens), logits(copied, tokens), rtol=0, atol=0)

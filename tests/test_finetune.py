@@ -160,14 +160,18 @@ def test_bfloat16_stays_bfloat16(make_gpt2, tokens):
     assert torch.equal(logits(merged, tokens), trained)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda(make_gpt2, tokens):
-    model = make_gpt2("3x16").cuda()
-    before = logits(model, tokens.cuda())
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # CUDA runs wherever there is one
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_each_device(make_gpt2, tokens, device):
+    model, tokens = make_gpt2("3x16").to(device), tokens.to(device)
+    before = logits(model, tokens)
     ft = cc.finetune.prepare(model, "both")
-    torch.testing.assert_close(logits(ft.model, tokens.cuda()), before, **FP32)
-    trained = train_step(ft, tokens.cuda(), input_ids=tokens.cuda())
-    assert torch.equal(logits(ft.merge(), tokens.cuda()), trained)
+    assert all(p.device.type == device for p in ft.parameters())
+    torch.testing.assert_close(logits(ft.model, tokens), before, **FP32)
+    trained = train_step(ft, tokens, input_ids=tokens)
+    assert torch.equal(logits(ft.merge(), tokens), trained)
 
 
 def test_clear_errors(make_gpt2, make_unet):

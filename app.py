@@ -299,7 +299,8 @@ class Studio:
     def _loaded(self, model: str, kind: str, progress) -> cs.Loaded:
         loaded = self.cache.get(model, _progress(progress))
         if loaded.kind != kind:
-            raise ValueError(f"{model} is a {KIND_LABEL[loaded.kind]} model; this comparison is for "
+            article = "an" if KIND_LABEL[loaded.kind][0] in "aeiou" else "a"
+            raise ValueError(f"{model} is {article} {KIND_LABEL[loaded.kind]} model; this comparison is for "
                              f"{KIND_LABEL[kind]} models (its panel shows when such a model is loaded)")
         return loaded
 
@@ -347,6 +348,7 @@ def build_demo(cache: cs.ModelCache | None = None, scratch: cs.ScratchFolder | N
         scratch: where checkpoints are zipped (default: a folder in Gradio's cache, swept hourly).
     """
     studio = Studio(cache or default_cache(), scratch or cs.ScratchFolder(os.path.join(get_upload_folder(), "clover")))
+    studio.scratch.start_sweeping()  # old downloads go on schedule, not only on the next one
     with gr.Blocks(title="CLOVER Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         ui = SimpleNamespace(state=gr.State(None, time_to_live=3600))  # this session's pruned models
         _controls(ui)
@@ -452,7 +454,11 @@ def _queue_size() -> int:
     return int(os.environ.get("CLOVER_QUEUE_SIZE", 16))
 
 
+def launch_options() -> dict:
+    """What :meth:`gr.Blocks.launch` needs beyond the address: uploads are refused above the audio cap."""
+    return {"max_file_size": f"{cs.MAX_AUDIO_BYTES // 2**20}mb"}
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build_demo().launch(server_name="0.0.0.0", server_port=int(os.environ.get("PORT", 7860)),
-                        max_file_size=f"{cs.MAX_AUDIO_BYTES // 2**20}mb")
+    build_demo().launch(server_name="0.0.0.0", server_port=int(os.environ.get("PORT", 7860)), **launch_options())

@@ -24,7 +24,7 @@ from .stream import is_sharded, stream_prune
 
 DEFAULT_MODEL = "gpt2-tiny-random"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileExistsError, ModuleNotFoundError, FileNotFoundError)
+USER_ERRORS = (ValueError, TypeError, NotImplementedError, ModuleNotFoundError, OSError)  # OSError: a full disk too
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -100,6 +100,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
         args.ratio = 0.5
     _check_prune_args(args)
     bundle = load_model(args.model)
+    from .session import model_kind
+
+    kind = model_kind(bundle.model, bundle.processor)
+    if kind != "lm":
+        raise ValueError(f"model={args.model!r} is a {kind} model; demo scores WikiText-2 perplexity, which needs a "
+                         "language model: use spectra or prune for it")
     start = time.perf_counter()
     dec = decompose(bundle.model, progress=True)
     print(f"decomposed {len(dec.modules)} attention modules in {time.perf_counter() - start:.2f}s")

@@ -8,6 +8,8 @@ from the config, shrinks its attention modules to the recorded ranks, and loads 
 from __future__ import annotations
 
 import copy
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -57,6 +59,7 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, processor=None,
     Raises:
         ValueError: the model is not a pruned model, or ``dtype`` is not floating point.
         FileExistsError: ``out_dir`` holds something that is not a CLOVER checkpoint.
+        OSError: the disk is full or not writable; ``out_dir`` is left as it was (the old checkpoint or nothing).
     """
     meta = pruning_record(model)
     if meta is None:
@@ -64,9 +67,11 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, processor=None,
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use torch.float16/bfloat16/float32")
     out = Path(out_dir)
+    if out.parent.is_dir():
+        _remove_stale_temporaries(out)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
     try:
         _save_weights(model, tmp, dtype, max_shard_size)
         _save_processor(processor, tmp)
@@ -120,12 +125,68 @@ def _check_target(out: Path) -> None:
 
 
 def _replace(tmp: Path, out: Path) -> None:
-    """Swap ``tmp`` into place: at every instant either the old folder or the new one exists."""
+    """Swap ``tmp`` into place: at every instant either the old folder or the new one exists.
+
+    An existing folder is exchanged with ``tmp`` in one atomic ``renameat2(RENAME_EXCHANGE)`` where the
+    system offers it (Linux); elsewhere the old folder is first renamed aside, and a save killed between
+    the two renames leaves it there (``.<name>.old-<pid>``), never a half-written folder.
+    """
+    if out.exists() and _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old checkpoint
+        return
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths; False where the system cannot (then nothing changed)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):  # kernel or file system without it
+        return False
+    raise OSError(code, f"cannot swap {a} into {b}: {os.strerror(code)}")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Clean up after a save into ``out`` that was killed (its process is gone): remove its half-written
+    ``.<name>.<pid>.*`` folder, and put back an old checkpoint it had renamed aside (``.<name>.old-<pid>``)."""
+    prefix = f".{out.name}."
+    for entry in out.parent.iterdir():
+        if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
+            continue
+        rest = entry.name[len(prefix):]
+        pid = rest.removeprefix("old-") if rest.startswith("old-") else rest.split(".")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if rest.startswith("old-") and not out.exists():
+            os.replace(entry, out)
+            log.warning("restored %s, which an interrupted save had renamed aside", out)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def is_checkpoint(folder: str | os.PathLike) -> bool:
@@ -183,15 +244,36 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None) 
 
 def _skeleton(folder: Path, raw: dict, meta: dict) -> nn.Module:
     model = _empty_model(folder, raw)
-    for name, ranks in meta.get("ranks", {}).items():
+    recorded = meta.get("ranks", {})
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{folder / CONFIG}: clover.ranks is a {type(recorded).__name__}, not a mapping of "
+                         "module -> ranks; the checkpoint was tampered with")
+    for name, ranks in recorded.items():
         original = _submodule(model, name, folder)
         adapter = adapter_for(original)
         if adapter is None:
             raise ValueError(f"{folder / CONFIG}: {name} is not a supported attention module")
+        _check_ranks(folder, name, ranks, adapter.factors(original))
         module = adapter.pruned(original, {p: padded_width(r) for p, r in ranks.items()})
         attach_ranks(module, adapter, ranks)
         set_submodule(model, name, module)
     return model
+
+
+def _check_ranks(folder: Path, name: str, ranks: object, factors: dict) -> None:
+    """The recorded ranks of one module: a list per pair of the module, one integer in 0..head_dim per head."""
+    where = f"{folder / CONFIG}: the ranks of {name}"
+    if not isinstance(ranks, dict) or set(ranks) != set(factors):
+        pairs = sorted(ranks) if isinstance(ranks, dict) else type(ranks).__name__
+        raise ValueError(f"{where} name pairs {pairs}, but the module has {sorted(factors)}; "
+                         "the checkpoint was tampered with or mixed up")
+    for pair, (a, _) in factors.items():
+        heads, head_dim = a.shape[0], a.shape[-1]
+        values = ranks[pair]
+        if (not isinstance(values, list) or len(values) != heads
+                or not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= head_dim for r in values)):
+            raise ValueError(f"{where} ({pair}) are {values!r}; expected {heads} integers in 0..{head_dim}; "
+                             "the checkpoint was tampered with or mixed up")
 
 
 def _empty_model(folder: Path, raw: dict) -> nn.Module:
@@ -203,13 +285,26 @@ def _empty_model(folder: Path, raw: dict) -> nn.Module:
         cls = getattr(diffusers, str(raw["_class_name"]), None) or base_class(str(raw["_class_name"]))
         if cls is None or not hasattr(cls, "from_config"):
             raise ValueError(f"{folder / CONFIG} names class {raw['_class_name']!r}, which diffusers does not provide")
-        return cls.from_config({k: v for k, v in raw.items() if k != "clover"})
-    arch = (raw.get("architectures") or [None])[0]
+        try:
+            return cls.from_config({k: v for k, v in raw.items() if k != "clover"})
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"{folder / CONFIG} does not describe a valid {raw['_class_name']} ({e}); "
+                             "the checkpoint was tampered with or mixed up") from None
+    arches = raw.get("architectures")
+    arch = arches[0] if isinstance(arches, list) and arches else None
     cls = getattr(transformers, str(arch), None) or base_class(str(arch))
     if cls is None or not hasattr(cls, "config_class"):
         raise ValueError(f"{folder / CONFIG} names architecture {arch!r}, which transformers does not provide")
-    with no_init_weights():
-        return cls(cls.config_class.from_dict(raw))
+    model_type = getattr(cls.config_class, "model_type", None)
+    if model_type and raw.get("model_type") != model_type:
+        raise ValueError(f"{folder / CONFIG} names architecture {arch} but model_type {raw.get('model_type')!r} "
+                         f"(expected {model_type!r}); the checkpoint was tampered with or mixed up")
+    try:
+        with no_init_weights():
+            return cls(cls.config_class.from_dict(raw))
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{folder / CONFIG} does not describe a valid {arch} ({e}); "
+                         "the checkpoint was tampered with or mixed up") from None
 
 
 def _submodule(model: nn.Module, name: str, folder: Path) -> nn.Module:

@@ -183,7 +183,7 @@ def _auto_model(name: str, local_only: bool) -> nn.Module:
     config = AutoConfig.from_pretrained(name, local_files_only=local_only)
     auto = AutoModelForSpeechSeq2Seq if config.model_type == "whisper" else AutoModelForCausalLM
     try:
-        return auto.from_pretrained(name, local_files_only=local_only)
+        return auto.from_pretrained(name, local_files_only=local_only, use_safetensors=True)  # never a pickle
     except ValueError as e:
         raise ValueError(f"model={name!r} ({config.model_type}) is not a language or speech model "
                          f"CLOVER Studio can load: {e}") from None

@@ -145,14 +145,19 @@ class ModelCache:
                 self._entries.move_to_end(name)
                 return self._entries[name]
             gate = self._loading.setdefault(name, threading.Lock())
-        with gate:
-            with self._lock:
-                if name in self._entries:
-                    return self._entries[name]
-            loaded = self._load(name, progress)
-            with self._lock:
-                self._entries[name] = loaded
-                self._evict(keep=name)
+        try:
+            with gate:
+                with self._lock:
+                    if name in self._entries:
+                        return self._entries[name]
+                loaded = self._load(name, progress)
+                with self._lock:
+                    self._entries[name] = loaded
+                    self._evict(keep=name)
+        finally:
+            with self._lock:  # one gate per name being loaded, not one per name ever typed
+                if self._loading.get(name) is gate:
+                    del self._loading[name]
         return loaded
 
     def _load(self, name: str, progress: Progress | None) -> Loaded:
@@ -317,18 +322,28 @@ def complete_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int)
 
 
 def read_audio(path: str | os.PathLike) -> np.ndarray:
-    """An uploaded or recorded clip as 16 kHz mono, within the caps (size, then duration).
+    """An uploaded or recorded clip as 16 kHz mono, within the caps (size, then duration); messages name
+    the file, not the server folder it was uploaded to.
 
     Raises:
-        ValueError: over ``MAX_AUDIO_BYTES`` or ``MAX_AUDIO_SECONDS``, or not audio.
+        ValueError: over ``MAX_AUDIO_BYTES`` or ``MAX_AUDIO_SECONDS``, not audio, or silent.
         FileNotFoundError: the file does not exist.
     """
-    from .audio import load_audio
+    from .audio import is_silent, load_audio
 
-    size = Path(path).stat().st_size
+    path = Path(path)
+    size = path.stat().st_size
     if size > MAX_AUDIO_BYTES:
-        raise ValueError(f"the audio file is {size / 2**20:.1f} MB, over the cap of {MAX_AUDIO_BYTES / 2**20:g} MB")
-    return load_audio(str(path), max_seconds=MAX_AUDIO_SECONDS)
+        raise ValueError(f"{path.name} is {size / 2**20:.1f} MB, over the cap of {MAX_AUDIO_BYTES / 2**20:g} MB; "
+                         "trim it or compress it (FLAC, OGG, MP3)")
+    try:
+        samples = load_audio(str(path), max_seconds=MAX_AUDIO_SECONDS)
+    except ValueError as e:
+        raise ValueError(str(e).replace(str(path), path.name)) from None
+    if is_silent(samples):
+        raise ValueError(f"{path.name} is silent (no sample above -80 dBFS); record again, or upload a clip with "
+                         "speech")
+    return samples
 
 
 def transcribe_clip(model: nn.Module, processor, audio, language: str | None = None) -> str:
@@ -384,6 +399,24 @@ class ScratchFolder:
             except FileNotFoundError:  # swept by another request at the same time
                 continue
         return removed
+
+    def start_sweeping(self, interval_s: float | None = None) -> threading.Event:
+        """Sweep every ``interval_s`` seconds (default: a quarter of ``max_age_s``) in a daemon thread,
+        so files go away on schedule even when nobody downloads; set the returned event to stop it."""
+        interval = interval_s if interval_s is not None else self.max_age_s / 4
+        if not interval > 0:
+            raise ValueError(f"interval_s={interval_s!r} must be a positive number of seconds")
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.sweep()
+                except OSError as e:  # a vanished or unreadable root: try again next time
+                    log.warning("sweeping %s failed: %s", self.root, e)
+
+        threading.Thread(target=loop, name="clover-scratch-sweeper", daemon=True).start()
+        return stop
 
     def new_dir(self, prefix: str) -> Path:
         """A fresh, uniquely named folder inside the root."""

@@ -110,10 +110,11 @@ def _randomize_biases(model):
 
 
 @contextlib.contextmanager
-def launched_app(scratch, **env):
+def launched_app(scratch, *, cache=None, launch=None, **env):
     """The web app on a free loopback port with an 8 GB model cache; yields its URL, closes it after.
 
-    Its quality figures use 128 WikiText-2 tokens (the page uses 512); ``env`` sets environment variables.
+    Its quality figures use 128 WikiText-2 tokens (the page uses 512); ``cache`` replaces the model
+    cache, ``launch`` adds options to ``launch()``, ``env`` sets environment variables.
     """
     import app
     from clover_core import session as cs
@@ -125,8 +126,8 @@ def launched_app(scratch, **env):
         for key, value in env.items():
             mp.setenv(key, value)
         mp.setattr(cs, "LM_EVAL_TOKENS", 128)
-        demo = app.build_demo(cs.ModelCache(8 * 2**30), cs.ScratchFolder(scratch))
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+        demo = app.build_demo(cache or cs.ModelCache(8 * 2**30), cs.ScratchFolder(scratch))
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **(launch or {}))
         try:
             yield demo.local_url
         finally:

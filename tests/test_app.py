@@ -194,6 +194,25 @@ def test_scratch_folder_sweeps_only_old_entries(tmp_path):
     assert scratch.sweep() == 1 and not old.exists() and new.exists()
 
 
+def test_scratch_folder_is_swept_on_a_schedule(tmp_path):
+    scratch = cs.ScratchFolder(tmp_path, max_age_s=30)
+    kept, stale = scratch.new_dir("kept-"), scratch.new_dir("stale-")
+    long_ago = time.time() - 60
+    os.utime(stale, (long_ago, long_ago))
+    stop = scratch.start_sweeping(interval_s=0.05)
+    try:
+        deadline = time.time() + 10
+        while stale.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not stale.exists(), "the sweeper never removed the stale folder"
+        time.sleep(0.2)  # a few more sweeps
+        assert kept.exists()
+    finally:
+        stop.set()
+    with pytest.raises(ValueError, match="interval_s=0"):
+        scratch.start_sweeping(interval_s=0)
+
+
 def test_model_cache_loads_once_and_evicts_the_least_recent(make_gpt2):
     calls = []
 

@@ -83,7 +83,8 @@ def run_child(jobs: dict, work: Path) -> dict:
     script = shutil.copy(remote_child.__file__, child_dir / "remote_child.py")
     (work / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(work / "modules"), HF_HOME=str(work / "hf"))
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(work / "modules"), HF_HOME=str(work / "hf"),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same reduction order as this process
     done = subprocess.run([sys.executable, "-I", str(script), str(work / "jobs.json"), str(work / "report.json")],
                           cwd=child_dir, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -135,7 +135,8 @@ def build_model(name: str, device: torch.device | str = "meta", seed: int = 0,
                    "llama": LlamaForCausalLM}[config.model_type]
             model = cls(config)
     model = model.to(dtype).eval()
-    model.tie_weights()  # no_init_weights also skips the tying that initialization does
+    if hasattr(model, "tie_weights"):  # transformers: no_init_weights also skips the tying init does
+        model.tie_weights()
     if torch.device(device).type != "meta":
         randomize(model, seed)
     return model

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 
 import clover_core as cc
-from clover_core.adapters.whisper import CloverWhisperAttention
+from clover_core.remote.modeling_clover_whisper import CloverWhisperAttention
 from clover_core.audio import SAMPLE_RATE, bundled_clips, load_audio, transcribe
 from clover_core.metrics import normalize_transcript, word_error_rate
 from clover_core.models import package_dir

@@ -10,40 +10,8 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from ..remote.modeling_clover_unet import CloverAttnProcessor, shrink
 from .base import Factors, merge_heads, merge_output, split_heads, split_output
-
-
-class CloverAttnProcessor:
-    """SDPA for pruned diffusers attention: ``qk_dim`` query/key and ``v_dim`` value features per
-    head, and the ORIGINAL scale ``attn.scale`` (diffusers' default processor would infer the scale
-    from the pruned key width)."""
-
-    def __init__(self, qk_dim: int, v_dim: int):
-        self.qk_dim, self.v_dim = qk_dim, v_dim
-
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        residual, spatial = hidden_states, hidden_states.ndim == 4
-        if spatial:
-            b, c, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, height * width).transpose(1, 2)  # (B, HW, C)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        bsz, h = hidden_states.shape[0], attn.heads
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], bsz)
-            attention_mask = attention_mask.view(bsz, h, -1, attention_mask.shape[-1])
-        q = attn.to_q(hidden_states).view(bsz, -1, h, self.qk_dim).transpose(1, 2)  # (B, nh, T, qk)
-        k = attn.to_k(context).view(bsz, -1, h, self.qk_dim).transpose(1, 2)  # (B, nh, S, qk)
-        v = attn.to_v(context).view(bsz, -1, h, self.v_dim).transpose(1, 2)  # (B, nh, S, v)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(bsz, -1, h * self.v_dim).to(q.dtype)))
-        if spatial:
-            out = out.transpose(-1, -2).reshape(b, c, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
 
 
 class DiffusersAttentionAdapter:
@@ -61,17 +29,11 @@ class DiffusersAttentionAdapter:
     def pruned(self, module: Attention, widths: dict[str, int]) -> Attention:
         _check_plain(module)
         linears = (module.to_q, module.to_k, module.to_v, module.to_out[0])
-        new = copy.deepcopy(module, {id(m): None for m in linears})  # everything but the four projections
-        qk, v, h = widths.get("qk", _dims(module)[0]), widths.get("vo", _dims(module)[1]), module.heads
-        for name, old, n_in, n_out in (("to_q", module.to_q, module.to_q.in_features, h * qk),
-                                       ("to_k", module.to_k, module.to_k.in_features, h * qk),
-                                       ("to_v", module.to_v, module.to_v.in_features, h * v)):
-            setattr(new, name, nn.Linear(n_in, n_out, bias=old.bias is not None))
-        out = module.to_out[0]
-        new.to_out[0] = nn.Linear(h * v, out.out_features, bias=out.bias is not None)
-        if out.bias is not None:
-            new.to_out[0].bias = copy.deepcopy(out.bias)  # b_o is untouched by V-O pruning
-        new.set_processor(CloverAttnProcessor(qk, v))
+        new = copy.deepcopy(module, {id(m): m for m in linears})  # the four projections shared, then replaced
+        qk, v = widths.get("qk", _dims(module)[0]), widths.get("vo", _dims(module)[1])
+        shrink(new, {"qk": qk, "vo": v})  # fresh projections and the CLOVER processor, as a checkpoint loads
+        if module.to_out[0].bias is not None:
+            new.to_out[0].bias = copy.deepcopy(module.to_out[0].bias)  # b_o is untouched by V-O pruning
         return new.to(device=module.to_q.weight.device, dtype=module.to_q.weight.dtype)
 
     def load_factors(self, module: Attention, factors: dict[str, Factors]) -> None:

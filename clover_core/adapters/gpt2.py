@@ -7,45 +7,11 @@ import copy
 
 import torch
 from torch import nn
-from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
-from transformers.pytorch_utils import Conv1D
 
-from ..attention import attend, padded_width
+from ..attention import padded_width
+from ..remote.modeling_clover_gpt2 import CloverGPT2Attention
 from .base import Factors, merge_heads, merge_output, split_heads, split_output
-
-
-class CloverGPT2Attention(GPT2Attention):
-    """GPT-2 self-attention with ``qk_dim`` query/key and ``v_dim`` value features per head.
-
-    The softmax scale is the original one (``1/sqrt(n_embd / n_head)``, computed by the parent from
-    the unchanged config), so a model pruned at ratio 0 is exactly the original.
-    """
-
-    def __init__(self, config, layer_idx: int | None, qk_dim: int, v_dim: int):
-        super().__init__(config, is_cross_attention=False, layer_idx=layer_idx)
-        self.qk_dim, self.v_dim = qk_dim, v_dim
-        h = self.num_heads
-        self.c_attn = Conv1D(h * (2 * qk_dim + v_dim), self.embed_dim)
-        self.c_proj = Conv1D(self.embed_dim, h * v_dim)
-
-    def forward(self, hidden_states, past_key_values=None, attention_mask=None,
-                encoder_hidden_states=None, encoder_attention_mask=None, output_attentions=False, **kwargs):
-        if encoder_hidden_states is not None:
-            raise NotImplementedError("pruned GPT-2 cross-attention is not supported")
-        h, bsz, seq = self.num_heads, *hidden_states.shape[:2]
-        q, k, v = self.c_attn(hidden_states).split([h * self.qk_dim, h * self.qk_dim, h * self.v_dim], dim=2)
-        q = q.view(bsz, seq, h, self.qk_dim).transpose(1, 2)  # (B, nh, T, qk)
-        k = k.view(bsz, seq, h, self.qk_dim).transpose(1, 2)  # (B, nh, T, qk)
-        v = v.view(bsz, seq, h, self.v_dim).transpose(1, 2)  # (B, nh, T, v)
-        if past_key_values is not None:
-            cache = past_key_values
-            if isinstance(cache, EncoderDecoderCache):
-                cache = cache.self_attention_cache
-            k, v = cache.update(k, v, self.layer_idx)
-        out, weights = attend(self, q, k, v, attention_mask, self.scaling, self.attn_dropout.p, **kwargs)  # (B, T, nh, v)
-        out = self.c_proj(out.reshape(bsz, seq, h * self.v_dim))
-        return self.resid_dropout(out), weights
 
 
 class GPT2Adapter:

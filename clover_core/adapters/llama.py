@@ -12,32 +12,11 @@ import copy
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaAttention
 
-from ..attention import attend, padded_width
+from ..attention import padded_width
+from ..remote.modeling_clover_llama import CloverLlamaAttention
 from .base import Factors, merge_heads, merge_output, split_heads, split_output
-
-
-class CloverLlamaAttention(LlamaAttention):
-    """Llama attention whose value heads keep ``v_dim`` features (queries and keys unchanged)."""
-
-    def __init__(self, config, layer_idx: int, v_dim: int):
-        super().__init__(config, layer_idx)
-        self.v_dim = v_dim
-        bias = config.attention_bias
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * v_dim, bias=bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * v_dim, config.hidden_size, bias=bias)
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        bsz, seq = hidden_states.shape[:2]
-        q = self.q_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(hidden_states).view(bsz, seq, -1, self.v_dim).transpose(1, 2)  # (B, nkv, T, v)
-        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        out, weights = attend(self, q, k, v, attention_mask, self.scaling, self.attention_dropout, **kwargs)
-        return self.o_proj(out.reshape(bsz, seq, -1)), weights  # (B, T, nh * v) -> (B, T, d)
 
 
 class LlamaAdapter:

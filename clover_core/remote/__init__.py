@@ -3,8 +3,9 @@
 The ``modeling_clover_*.py`` files (and ``clover_attention.py``) import only torch, transformers or
 diffusers, never ``clover_core``: :func:`clover_core.save_pruned` copies the ones a model needs into
 its folder and points ``config.json``'s ``auto_map`` at them, so the folder loads on any machine with
-transformers (or diffusers) alone. They mirror ``clover_core/adapters`` and ``clover_core/attention.py``;
-``tests/test_remote_code.py`` checks that both give the same outputs.
+transformers (or diffusers) alone. The engine's adapters use the same pruned modules from here (one
+copy of the code); ``tests/test_remote_code.py`` checks that a folder loaded in a fresh interpreter
+without ``clover_core`` gives the engine's outputs.
 """
 
 from __future__ import annotations

@@ -15,12 +15,13 @@ from . import finetune
 from .checkpoint import load_pruned, save_pruned
 from .decompose import Decomposition, decompose, orthogonalize, spectra
 from .models import ModelBundle, load_model
-from .prune import PruneConfig, plan, prune
+from .prune import PruneConfig, Slider, plan, prune
 
 __all__ = [
     "Decomposition",
     "ModelBundle",
     "PruneConfig",
+    "Slider",
     "decompose",
     "load_model",
     "load_pruned",

@@ -7,6 +7,7 @@ from the config, shrinks its attention modules to the recorded ranks, and loads 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import errno
@@ -87,6 +88,30 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, processor=None,
 
 
 def _save_weights(model: nn.Module, folder: Path, dtype: torch.dtype | None, max_shard_size: str) -> None:
+    with _own_memory(model):
+        _save_owned(model, folder, dtype, max_shard_size)
+
+
+@contextlib.contextmanager
+def _own_memory(model: nn.Module):
+    """While saving, every parameter that is a view into a larger buffer (a :class:`~clover_core.Slider`'s
+    or ``share_weights`` model: a weight and its bias may be two views of one cached factor) is replaced
+    by a contiguous copy of its own, so the files hold exactly the tensors; the model is restored after."""
+    swapped = []
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and (not p.is_contiguous() or p.untyped_storage().nbytes() != p.numel() * p.element_size()):
+                module._parameters[name] = nn.Parameter(p.detach().clone(memory_format=torch.contiguous_format),
+                                                        requires_grad=p.requires_grad)
+                swapped.append((module, name, p))
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+def _save_owned(model: nn.Module, folder: Path, dtype: torch.dtype | None, max_shard_size: str) -> None:
     if hasattr(model, "register_to_config"):  # diffusers: no state_dict argument, cast a copy
         model = model if dtype is None else copy.deepcopy(model).to(dtype)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)

@@ -47,8 +47,8 @@ def orthogonalize(
     Returns:
         ``(a_rot, b_rot, s)``: ``a_rot = U sqrt(S)`` and ``b_rot = V sqrt(S)``, both shaped like the
         inputs (columns past ``min(m, n, k)`` are zero), and ``s`` of shape ``(G, k)``, descending.
-        ``a_rot @ b_rot.T == a @ b.T`` up to rounding; results are cast to ``a``'s dtype, ``s`` is
-        returned in ``dtype``.
+        ``a_rot @ b_rot.T == a @ b.T`` up to rounding; results are cast to ``a``'s dtype and stored
+        rank-major (``a_rot.permute(2, 0, 1)`` is contiguous), ``s`` is returned in ``dtype``.
 
     Raises:
         TypeError: non-floating factors or an unsupported compute dtype.
@@ -57,13 +57,37 @@ def orthogonalize(
     _check_factors(a, b, dtype)
     ac, bc = a.to(dtype), b.to(dtype)
     ta, tb, s, ok = _gram_rotation(ac, bc)
-    a_rot, b_rot = ac @ ta.to(ac), bc @ tb.to(bc)  # (G, m, k), (G, n, k)
+    a_rot, b_rot = _rank_major(ac, ta), _rank_major(bc, tb)  # (G, m, k), (G, n, k)
     s = s.to(device=a.device, dtype=dtype)
     if not ok.all():
         bad = (~ok).nonzero().squeeze(1).to(a.device)
         a_rot[bad], b_rot[bad], s[bad] = _householder(ac[bad], bc[bad])
         log.debug("%d of %d groups took the Householder QR route", len(bad), len(ok))
-    return a_rot.to(a.dtype), b_rot.to(b.dtype), s
+    return _cast(a_rot, a.dtype), _cast(b_rot, b.dtype), s
+
+
+def _rank_major_empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty ``(G, rows, k)`` tensor stored rank-major (``.permute(2, 0, 1)`` is contiguous)."""
+    g, rows, k = like.shape
+    return torch.empty(k, g, rows, dtype=dtype, device=like.device).permute(1, 2, 0)
+
+
+def _rank_major(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x @ t`` written straight into rank-major storage: a pruned model's projections are rank-major,
+    so any prefix of the rotated columns is then a plain slice (no copy when re-pruning)."""
+    if torch.is_grad_enabled() and (x.requires_grad or t.requires_grad):
+        return x @ t.to(x)  # out= does not differentiate: plain storage when a caller takes gradients
+    return torch.matmul(x, t.to(x), out=_rank_major_empty(x, x.dtype))
+
+
+def _rank_major_copy(t: torch.Tensor) -> torch.Tensor:
+    return _rank_major_empty(t, t.dtype).copy_(t)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.dtype == dtype:
+        return t
+    return _rank_major_empty(t, dtype).copy_(t)
 
 
 def _gram_rotation(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -157,8 +181,9 @@ def _check_factors(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None
 class PairDecomposition:
     """One pair type (Q-K or V-O) of one attention module, orthogonalized.
 
-    ``a``/``b`` are the rotated factors in the model's dtype, ``s`` the singular values (descending)
-    and ``vanilla`` the baseline scores of the original, un-rotated columns (both float32).
+    ``a``/``b`` are the rotated factors in the model's dtype, stored rank-major (``a.permute(2, 0, 1)``
+    is contiguous, like a pruned projection), ``s`` the singular values (descending) and ``vanilla``
+    the baseline scores of the original, un-rotated columns (both float32).
     """
 
     a: torch.Tensor  # (G, m, head_dim)
@@ -185,12 +210,23 @@ class Decomposition:
 
     model: nn.Module
     modules: dict[str, ModuleDecomposition]
+    _originals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def pair_types(self) -> tuple[str, ...]:
         """The pair types present in every module (``qk`` is absent for rotary models)."""
         present = [set(m.pairs) for m in self.modules.values()]
         return tuple(p for p in PAIRS if all(p in s for s in present))
+
+    def original(self, name: str, pair: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The un-rotated factors of one pair of module ``name``, copied once into rank-major storage
+        (like the rotated ones) and cached: vanilla pruning and pairs left whole read them."""
+        key = (name, pair)
+        if key not in self._originals:
+            md = self.modules[name]
+            a, b = md.adapter.factors(self.model.get_submodule(name))[pair]
+            self._originals[key] = _rank_major_copy(a), _rank_major_copy(b)
+        return self._originals[key]
 
 
 def decompose(model: nn.Module, *, dtype: torch.dtype = torch.float32, progress: bool = False) -> Decomposition:

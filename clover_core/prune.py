@@ -8,9 +8,11 @@ approximation of the head's product); vanilla keeps the original head dimensions
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -19,6 +21,7 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .adapters import Adapter
+from .adapters.base import set_attributes
 from .attention import padded_width
 from .decompose import PAIRS, Decomposition, ModuleDecomposition, decompose
 from .model_card import origin
@@ -92,17 +95,22 @@ def plan(dec: Decomposition, config: PruneConfig) -> Plan:
     Raises:
         ValueError: the target asks for a pair the model does not have (Q-K of a rotary model).
     """
-    for pair in config.pairs:
-        if pair not in dec.pair_types:
-            raise ValueError(f"target={config.target!r} includes {pair!r}, which this model does not have: "
-                             "rotary position embeddings (Llama family) sit between W_q and W_k, so the Q-K "
-                             "product is not a fixed matrix and cannot be orthogonalized; use target='vo'")
+    check_pairs(dec, config)
     masks: Plan = {name: {} for name in dec.modules}
     for pair in config.pairs:
         scores = {name: _scores(md, pair, config.method) for name, md in dec.modules.items()}
         for name, kept in _keep(scores, config).items():
             masks[name][pair] = kept
     return masks
+
+
+def check_pairs(dec: Decomposition, config: PruneConfig) -> None:
+    """Raise ValueError when ``config`` targets a pair the model does not have (Q-K of a rotary model)."""
+    for pair in config.pairs:
+        if pair not in dec.pair_types:
+            raise ValueError(f"target={config.target!r} includes {pair!r}, which this model does not have: "
+                             "rotary position embeddings (Llama family) sit between W_q and W_k, so the Q-K "
+                             "product is not a fixed matrix and cannot be orthogonalized; use target='vo'")
 
 
 def _scores(md: ModuleDecomposition, pair: str, method: str) -> torch.Tensor:
@@ -145,8 +153,9 @@ def prune(model_or_dec: nn.Module | Decomposition, ratio: float | None = None, t
         share_weights: reuse, instead of copying, every parameter and buffer outside the attention
             modules (embeddings, MLPs, norms). Re-pruning from a cached decomposition then costs no
             copy of the model and no extra memory, but the pruned model and the original hold the
-            same tensors: use it for read-only work (evaluation, an interactive ratio slider);
-            training or editing either model in place would change both.
+            same tensors, and the pruned CLOVER weights are views of the decomposition's (rank-major)
+            factors: use it for read-only work (evaluation); training or editing either model in place
+            would change both. For an interactive ratio slider, :class:`Slider` also reuses the model.
 
     Returns:
         The pruned model; ``model.config.clover`` records the method and every head's kept rank.
@@ -179,12 +188,98 @@ def build(dec: Decomposition, masks: Plan, config: PruneConfig, *, share_weights
     ranks: dict[str, dict[str, list[int]]] = {}
     with torch.no_grad():
         for name, md in dec.modules.items():
-            module = prune_module(model.get_submodule(name), md, masks[name], config.method)
+            originals = functools.partial(dec.original, name) if share_weights else None
+            module = prune_module(model.get_submodule(name), md, masks[name], config.method, share=share_weights,
+                                  originals=originals)
             set_submodule(new, name, module)
             ranks[name] = module.clover_ranks
     record(new, pruning_meta(model, config, ranks))
     log.info("pruned %d attention modules (%s, %s, %s)", len(ranks), config.method, config.mode, config.target)
     return new
+
+
+class Slider:
+    """Re-prune one decomposed model at any ratio in milliseconds: what an interactive ratio slider needs.
+
+    Every call returns the SAME model object, re-pointed to the new ranks: no SVD, no copy of the
+    model and, for CLOVER at a uniform ratio, no copy of any weight. A pruned module's projections are
+    rank-major and the decomposition stores its rotated factors rank-major too, so keeping each head's
+    best ``r`` directions is a slice of them (a view); ragged per-head ranks (``global`` and
+    ``threshold`` modes) copy the kept columns once, zero-padded, like :func:`prune`. Weights outside the
+    attention modules are the original model's; pairs left whole (and vanilla's original columns) come
+    from a rank-major copy of the original factors, made on first use and shared by every slider of
+    the same decomposition. Its weights equal those of :func:`prune` with the same arguments.
+
+    Read-only, like ``prune(..., share_weights=True)``: evaluate, generate, save; a model returned
+    earlier changes with the next call (use :func:`prune` for an independent model).
+
+    Example::
+
+        dec = cc.decompose(model)
+        slider = cc.Slider(dec)               # method="clover" (or "vanilla")
+        for ratio in (0.25, 0.5, 0.75):
+            pruned = slider(ratio, target="qk")
+    """
+
+    def __init__(self, dec: Decomposition, method: Method = "clover"):
+        if not isinstance(dec, Decomposition):
+            raise TypeError(f"Slider needs a Decomposition (cc.decompose(model)), got {type(dec).__name__}")
+        PruneConfig(ratio=0.0, method=method)  # validates the method
+        self.dec, self.method = dec, method
+        model = dec.model
+        memo = {id(model.get_submodule(name)): None for name in dec.modules}  # filled in on first use
+        memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+        self.model = copy.deepcopy(model, memo)
+        self._modules: dict[str, nn.Module] = {}
+        self._origin = origin(model, pruning_record(model))
+
+    def __call__(self, ratio: float | None = None, target: Target = "qk", mode: Mode = "uniform",
+                 threshold: float | None = None) -> nn.Module:
+        """The model pruned to ``ratio`` (or ``threshold``); arguments as in :func:`prune`.
+
+        Raises:
+            ValueError: an argument outside what is allowed (the message names it).
+        """
+        if ratio is None and mode != "threshold":
+            ratio = 0.0
+        config = PruneConfig(ratio=ratio, target=target, method=self.method, mode=mode, threshold=threshold)
+        check_pairs(self.dec, config)
+        masks = plan(self.dec, config) if self.method != "clover" or mode != "uniform" else None
+        ranks: dict[str, dict[str, list[int]]] = {}
+        with torch.no_grad():
+            for name, md in self.dec.modules.items():
+                module, selected, ranks[name] = self._module(name, md), {}, {}
+                for pair, pd in md.pairs.items():
+                    if masks is None and pair in config.pairs:  # CLOVER, uniform: every head keeps its first r
+                        groups, k = pd.s.shape
+                        r = round(k * (1 - config.ratio))  # as plan() does
+                        selected[pair] = (pd.a[..., :r], pd.b[..., :r]) if r else select_columns(
+                            pd.a, pd.b, pd.s, torch.zeros_like(pd.s, dtype=torch.bool))
+                        ranks[name][pair] = [r] * groups
+                        continue
+                    kept = None if masks is None else masks[name].get(pair)
+                    if kept is not None and self.method == "clover":
+                        selected[pair] = select_columns(pd.a, pd.b, pd.s, kept)
+                    else:  # vanilla, or a pair left whole: the original columns
+                        a, b = self.dec.original(name, pair)
+                        kept = torch.ones_like(pd.vanilla, dtype=torch.bool) if kept is None else kept
+                        selected[pair] = select_columns(a, b, pd.vanilla, kept)
+                    ranks[name][pair] = kept.sum(dim=1).tolist()
+                md.adapter.load_factors(module, selected, share=True)
+                attach_ranks(module, md.adapter, ranks[name])
+        record(self.model, {"format": FORMAT, "method": config.method, "mode": config.mode, "target": config.target,
+                            "ratio": config.ratio, "threshold": config.threshold, "ranks": ranks, **self._origin})
+        return self.model
+
+    def _module(self, name: str, md: ModuleDecomposition) -> nn.Module:
+        module = self._modules.get(name)
+        if module is None:
+            original = self.dec.model.get_submodule(name)
+            with no_init_weights():
+                module = md.adapter.pruned(original, {}, share=True).train(original.training)
+            set_submodule(self.model, name, module)
+            self._modules[name] = module
+        return module
 
 
 def pruning_meta(model: nn.Module, config: PruneConfig, ranks: dict[str, dict[str, list[int]]]) -> dict:
@@ -196,31 +291,36 @@ def pruning_meta(model: nn.Module, config: PruneConfig, ranks: dict[str, dict[st
 
 
 def prune_module(original: nn.Module, md: ModuleDecomposition, masks: dict[str, torch.Tensor],
-                 method: str) -> nn.Module:
+                 method: str, *, share: bool = False,
+                 originals: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
     """One attention module rebuilt smaller: the directions ``masks`` keeps, per pair (no SVD).
 
     Args:
         original: the module as it is in the model; md: its decomposition.
         masks: ``{pair: kept mask (G, head_dim)}`` for the pruned pairs (others are kept whole).
         method: ``"clover"`` (rotated factors) or ``"vanilla"`` (original columns).
+        share: reuse the original's untouched tensors and make the kept weights views of the factors.
+        originals: ``pair -> (a, b)``, the original factors when they are at hand (a Decomposition caches
+            them rank-major: see :meth:`Decomposition.original`); read from ``original`` otherwise.
 
     Returns:
         The new module, with ``clover_ranks`` and the sizes they imply attached.
     """
-    adapter, original_factors = md.adapter, None
+    adapter, found = md.adapter, None
     selected, ranks = {}, {}
     for pair, pd in md.pairs.items():
         if pair in masks and method == "clover":
             a, b, score, kept = pd.a, pd.b, pd.s, masks[pair]
         else:  # vanilla, or a pair left alone: the original columns
-            original_factors = original_factors or adapter.factors(original)
-            a, b = original_factors[pair]
+            if originals is None:
+                found = found or adapter.factors(original)
+            a, b = originals(pair) if originals is not None else found[pair]
             score, kept = pd.vanilla, masks.get(pair, torch.ones_like(pd.vanilla, dtype=torch.bool))
         selected[pair] = select_columns(a, b, score, kept)
         ranks[pair] = kept.sum(dim=1).tolist()
     with no_init_weights():  # every weight is written by load_factors: skip the random initialization
-        module = adapter.pruned(original, {p: padded_width(r) for p, r in ranks.items()})
-    adapter.load_factors(module, selected)
+        module = adapter.pruned(original, {p: padded_width(r) for p, r in ranks.items()}, share=share)
+    adapter.load_factors(module, selected, share=share)
     attach_ranks(module, adapter, ranks)
     return module.train(original.training)
 
@@ -266,11 +366,11 @@ def _leading(kept: torch.Tensor, ranks: torch.Tensor, score: torch.Tensor) -> bo
 def attach_ranks(module: nn.Module, adapter: Adapter, ranks: dict[str, list[int]]) -> None:
     """Record true per-head ranks on a pruned module, with the padding and KV width they imply."""
     per_direction = adapter.params_per_direction(module)
-    module.clover_ranks = ranks
-    module.clover_padding = sum((len(r) * padded_width(r) - sum(r)) * per_direction[p] for p, r in ranks.items())
+    padding = sum((len(r) * padded_width(r) - sum(r)) * per_direction[p] for p, r in ranks.items())
+    set_attributes(module, clover_ranks=ranks, clover_padding=padding)
     kv = adapter.kv_width(module, ranks)
     if kv is not None:
-        module.kv_width, module.kv_width_allocated = kv
+        set_attributes(module, kv_width=kv[0], kv_width_allocated=kv[1])
 
 
 def record(model: nn.Module, meta: dict) -> None:

@@ -53,7 +53,9 @@ MAX_IMAGE_STEPS = 50
 
 @dataclass
 class Loaded:
-    """A model loaded once and shared read-only: never modified, only read and copied by ``prune``.
+    """A model loaded once and shared read-only: never modified; pruned models share its weights outside
+    the attention modules, and their attention weights are views of ``dec`` (its rotated factors and the
+    rank-major copies of the original ones, made at load time) wherever no copy is needed.
 
     ``baseline`` caches the original model's measurements (filled under ``lock``).
     """
@@ -172,8 +174,9 @@ class ModelCache:
         (processor if kind == "diffusion" else model).to(self.device)
         _report(progress, 0.3, f"decomposing the attention of {name} (once per model)")
         dec = decompose(model.eval(), progress=True)
+        originals = [t for name, md in dec.modules.items() for pair in md.pairs for t in dec.original(name, pair)]
         size = nbytes(processor if kind == "diffusion" else model) + nbytes(
-            *[t for md in dec.modules.values() for pd in md.pairs.values() for t in (pd.a, pd.b)])
+            *[t for md in dec.modules.values() for pd in md.pairs.values() for t in (pd.a, pd.b)], *originals)
         log.info("loaded %s (%s, %.2f GB with its decomposition)", name, kind, size / 1e9)
         return Loaded(name, model, processor, kind, dec, size)
 
@@ -237,7 +240,7 @@ def pruned_pair(loaded: Loaded, setting: Setting, current: PrunedPair | None = N
     for i, method in enumerate(("vanilla", "clover")):
         _report(progress, 0.5 * i, f"pruning {method}: {setting.target}, {setting.mode}, ratio {setting.ratio:g}")
         models[method] = prune(loaded.dec, ratio=setting.ratio, target=setting.target, method=method,
-                               mode=setting.mode)
+                               mode=setting.mode, share_weights=True)  # read-only here: no copy of the model
     return PrunedPair(setting, loaded, models["vanilla"], models["clover"])
 
 

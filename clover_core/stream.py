@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.initialization import no_init_weights
 
 from .adapters import attention_modules
 from .checkpoint import CONFIG, _check_target, _replace, _save_processor, _update_config, read_config
@@ -232,7 +233,7 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        writer = ShardWriter(tmp, convert_file_size_to_int(max_shard_size), _header_bound(skeleton))
+        writer = ShardWriter(tmp, convert_file_size_to_int(max_shard_size), _header_bound(skeleton, stream.attention))
         for unit in stream.units(masks):
             writer.add({k: _cast(v, dtype) for k, v in unit.items()})
         writer.close()
@@ -354,10 +355,15 @@ def _key_map(skeleton: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
     return keys
 
 
-def _header_bound(skeleton: nn.Module) -> int:
-    """Bytes enough for the header of a shard holding every tensor of the model (shapes can only shrink)."""
-    entries = {n: {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [10**15, 10**15]}
-               for n, t in skeleton.state_dict().items()}
+def _header_bound(skeleton: nn.Module, attention: dict[str, tuple[nn.Module, object]]) -> int:
+    """Bytes enough for the header of a shard holding every tensor of the pruned model: the original's
+    tensors and each attention module's pruned form at full width (pruning only shrinks shapes)."""
+    shapes = {n: list(t.shape) for n, t in skeleton.state_dict().items()}
+    with torch.device("meta"), no_init_weights():
+        for name, (module, adapter) in attention.items():
+            pruned = adapter.pruned(module, {}, share=True).state_dict()
+            shapes.update({f"{name}.{k}": list(t.shape) for k, t in pruned.items()})
+    entries = {n: {"dtype": "BF16", "shape": shape, "data_offsets": [10**15, 10**15]} for n, shape in shapes.items()}
     return len(json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":"))) + 64
 
 

@@ -273,7 +273,8 @@ def test_image_compare_and_quality_with_sdxl_tiny_random(studio, monkeypatch):
     first = studio.compare_images("sdxl-tiny-random", 0.0, "both", "uniform", "a red barn", 3, 2, None)
     assert first[0].shape == (32, 32, 3) and first[0].dtype == np.uint8
     assert np.array_equal(first[0], first[1]) and np.array_equal(first[0], first[2])  # ratio 0: same image
-    assert "PSNR inf dB" in first[3]
+    # ratio 0 is the original up to float rounding (pruned projections add up their features in another order)
+    assert all(float(x) > 100 for x in re.findall(r"PSNR (\S+) dB", first[3])), first[3]
     again = studio.compare_images("sdxl-tiny-random", 0.0, "both", "uniform", "a red barn", 3, 2, first[4])
     assert np.array_equal(again[0], first[0])  # same prompt, seed and scheduler: the same image
     with pytest.raises(gr.Error, match="steps=99"):

@@ -23,12 +23,15 @@ class Adapter(Protocol):
         """The module's pairs, ``{"qk": (a, b), "vo": (a, b)}``; rotary models omit ``"qk"``."""
         ...
 
-    def pruned(self, module: nn.Module, widths: dict[str, int]) -> nn.Module:
-        """A new, uninitialized module like ``module`` whose pair ``p`` keeps ``widths[p]`` directions per head."""
+    def pruned(self, module: nn.Module, widths: dict[str, int], *, share: bool = False) -> nn.Module:
+        """A new, uninitialized module like ``module`` whose pair ``p`` keeps ``widths[p]`` directions per head;
+        the weights pruning leaves alone are copied from ``module``, or reused with ``share``."""
         ...
 
-    def load_factors(self, module: nn.Module, factors: dict[str, Factors]) -> None:
-        """Write padded factors ``(G, m, width)`` / ``(G, n, width)`` into a module made by :meth:`pruned`."""
+    def load_factors(self, module: nn.Module, factors: dict[str, Factors], *, share: bool = False) -> None:
+        """Give a module made by :meth:`pruned` the padded factors ``(G, m, w)`` / ``(G, n, w)`` of every pair,
+        as rank-major projections (and the widths ``w`` they imply, whatever the module had before).
+        ``share`` makes the weights views of the factors where their memory allows; otherwise copies."""
         ...
 
     def params_per_direction(self, module: nn.Module) -> dict[str, int]:
@@ -41,31 +44,69 @@ class Adapter(Protocol):
         ...
 
 
-def split_heads(weight: torch.Tensor, bias: torch.Tensor | None, n_heads: int) -> torch.Tensor:
+def split_heads(weight: torch.Tensor, bias: torch.Tensor | None, n_heads: int, *, rank_major: bool = False) -> torch.Tensor:
     """``x @ W`` weight ``(d, n*k)`` and bias ``(n*k,)`` -> per-head factor ``(n, d + 1, k)``.
 
-    A missing bias becomes a zero row, so the folded form is exact for every module.
+    Features are head-major (``h * k + j``, the original models) or, for pruned modules, rank-major
+    (``j * n + h``). A missing bias becomes a zero row, so the folded form is exact for every module.
     """
     d, width = weight.shape
     row = torch.zeros(1, width, dtype=weight.dtype, device=weight.device) if bias is None else bias[None]
     folded = torch.cat([weight, row], dim=0)  # (d + 1, n * k)
+    if rank_major:
+        return folded.view(d + 1, width // n_heads, n_heads).permute(2, 0, 1)  # (n, d + 1, k)
     return folded.view(d + 1, n_heads, width // n_heads).permute(1, 0, 2)  # (n, d + 1, k)
 
 
-def merge_heads(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`split_heads`: ``(n, d + 1, k)`` -> weight ``(d, n*k)`` and bias ``(n*k,)``."""
-    n, rows, k = factor.shape
-    folded = factor.permute(1, 0, 2).reshape(rows, n * k)  # (d + 1, n * k)
-    return folded[:-1].contiguous(), folded[-1].contiguous()
-
-
-def split_output(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+def split_output(weight: torch.Tensor, n_heads: int, *, rank_major: bool = False) -> torch.Tensor:
     """Output projection ``(n*k, d_out)`` (``x @ W``) -> per-head right factor ``W_o,h.T``: ``(n, d_out, k)``."""
     width, d_out = weight.shape
+    if rank_major:
+        return weight.view(width // n_heads, n_heads, d_out).permute(1, 2, 0)  # (n, d_out, k)
     return weight.view(n_heads, width // n_heads, d_out).transpose(1, 2)  # (n, d_out, k)
 
 
-def merge_output(factor: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`split_output`: ``(n, d_out, k)`` -> ``(n*k, d_out)``."""
-    n, d_out, k = factor.shape
-    return factor.transpose(1, 2).reshape(n * k, d_out).contiguous()
+def input_projection(factor: torch.Tensor, *, share: bool, x_at_w: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left factor ``(n, d + 1, w)`` -> the rank-major weight and bias of the projection that makes it.
+
+    Args:
+        factor: per-head columns with the bias as the last row, of any strides.
+        share: return views of ``factor`` where its memory allows (a decomposition's factors are stored
+            rank-major, so a prefix of their columns is a plain slice); otherwise fresh contiguous tensors.
+        x_at_w: ``Conv1D`` layout ``(d, w*n)`` instead of ``nn.Linear``'s ``(w*n, d)``.
+
+    Returns:
+        ``(weight, bias)``, bias ``(w*n,)``.
+    """
+    n, _, w = factor.shape
+    inputs = factor[:, :-1]  # (n, d, w)
+    weight = inputs.permute(1, 2, 0).flatten(1) if x_at_w else inputs.permute(2, 0, 1).flatten(0, 1)
+    bias = factor[:, -1].T.reshape(w * n)  # (w, n) -> (w*n,)
+    return _owned(weight, factor, share), _owned(bias, factor, share)
+
+
+def output_projection(factor: torch.Tensor, *, share: bool, x_at_w: bool = False) -> torch.Tensor:
+    """A right factor ``(n, d_out, w)`` -> the rank-major output projection: ``nn.Linear``'s ``(d_out, w*n)``
+    or, with ``x_at_w``, ``Conv1D``'s ``(w*n, d_out)``; views of ``factor`` with ``share`` (see
+    :func:`input_projection`)."""
+    weight = factor.permute(2, 0, 1).flatten(0, 1) if x_at_w else factor.permute(1, 2, 0).flatten(1)
+    return _owned(weight, factor, share)
+
+
+def _owned(t: torch.Tensor, source: torch.Tensor, share: bool) -> torch.Tensor:
+    if share:
+        return t
+    if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():  # a view: copy it
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.contiguous()
+
+
+def assign(module: nn.Module, name: str, tensor: torch.Tensor, *, share: bool) -> None:
+    """Set the existing parameter ``name`` of ``module`` to ``tensor`` (frozen when it is a shared view)."""
+    module._parameters[name] = nn.Parameter(tensor, requires_grad=not share)  # registered already
+
+
+def set_attributes(module: object, **values: object) -> None:
+    """Set plain (non-parameter, non-module) attributes directly, without ``nn.Module.__setattr__``'s
+    bookkeeping: a slider re-points every attention module on each move."""
+    vars(module).update(values)

@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..remote.modeling_clover_unet import CloverAttnProcessor, shrink
-from .base import Factors, merge_heads, merge_output, split_heads, split_output
+from .base import Factors, assign, input_projection, output_projection, set_attributes, split_heads, split_output
 
 
 class DiffusersAttentionAdapter:
@@ -19,32 +19,36 @@ class DiffusersAttentionAdapter:
 
     def factors(self, module: Attention) -> dict[str, Factors]:
         _check_plain(module)
-        h = module.heads
+        h, rm = module.heads, isinstance(module.processor, CloverAttnProcessor)  # pruned: rank-major
         q, k, v, o = module.to_q, module.to_k, module.to_v, module.to_out[0]
         return {
-            "qk": (split_heads(q.weight.T, q.bias, h), split_heads(k.weight.T, k.bias, h)),  # (h, dq+1, qk), (h, dkv+1, qk)
-            "vo": (split_heads(v.weight.T, v.bias, h), split_output(o.weight.T, h)),  # (h, dkv+1, v), (h, dout, v)
-        }
+            "qk": (split_heads(q.weight.T, q.bias, h, rank_major=rm), split_heads(k.weight.T, k.bias, h, rank_major=rm)),
+            "vo": (split_heads(v.weight.T, v.bias, h, rank_major=rm), split_output(o.weight.T, h, rank_major=rm)),
+        }  # (h, dq+1, qk), (h, dkv+1, qk); (h, dkv+1, v), (h, dout, v)
 
-    def pruned(self, module: Attention, widths: dict[str, int]) -> Attention:
+    def pruned(self, module: Attention, widths: dict[str, int], *, share: bool = False) -> Attention:
         _check_plain(module)
         linears = (module.to_q, module.to_k, module.to_v, module.to_out[0])
         new = copy.deepcopy(module, {id(m): m for m in linears})  # the four projections shared, then replaced
         qk, v = widths.get("qk", _dims(module)[0]), widths.get("vo", _dims(module)[1])
         shrink(new, {"qk": qk, "vo": v})  # fresh projections and the CLOVER processor, as a checkpoint loads
-        if module.to_out[0].bias is not None:
-            new.to_out[0].bias = copy.deepcopy(module.to_out[0].bias)  # b_o is untouched by V-O pruning
+        bias = module.to_out[0].bias
+        if bias is not None:
+            new.to_out[0].bias = bias if share else copy.deepcopy(bias)  # b_o is untouched by V-O pruning
         return new.to(device=module.to_q.weight.device, dtype=module.to_q.weight.dtype)
 
-    def load_factors(self, module: Attention, factors: dict[str, Factors]) -> None:
-        with torch.no_grad():
-            for linear, factor in ((module.to_q, factors["qk"][0]), (module.to_k, factors["qk"][1]),
-                                   (module.to_v, factors["vo"][0])):
-                w, b = merge_heads(factor)
-                linear.weight.copy_(w.T)
-                if linear.bias is not None:
-                    linear.bias.copy_(b)
-            module.to_out[0].weight.copy_(merge_output(factors["vo"][1]).T)
+    def load_factors(self, module: Attention, factors: dict[str, Factors], *, share: bool = False) -> None:
+        (qa, kb), (va, ob) = factors["qk"], factors["vo"]
+        for linear, factor in ((module.to_q, qa), (module.to_k, kb), (module.to_v, va)):
+            weight, bias = input_projection(factor, share=share)
+            assign(linear, "weight", weight, share=share)
+            if linear.bias is not None:
+                assign(linear, "bias", bias, share=share)
+            set_attributes(linear, out_features=weight.shape[0])
+        out = module.to_out[0]
+        assign(out, "weight", output_projection(ob, share=share), share=share)
+        set_attributes(out, in_features=out.weight.shape[1])
+        set_attributes(module.processor, qk_dim=qa.shape[-1], v_dim=va.shape[-1])
 
     def params_per_direction(self, module: Attention) -> dict[str, int]:
         def cost(linear: nn.Linear) -> int:

@@ -11,16 +11,22 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from ..attention import padded_width
 from ..remote.modeling_clover_gpt2 import CloverGPT2Attention
-from .base import Factors, merge_heads, merge_output, split_heads, split_output
+from .base import Factors, assign, input_projection, output_projection, set_attributes, split_heads, split_output
 
 
 class GPT2Adapter:
     """Adapter for :class:`GPT2Attention` (self-attention only)."""
 
     def factors(self, module: GPT2Attention) -> dict[str, Factors]:
+        h = module.num_heads
+        if isinstance(module, CloverGPT2Attention):  # a pruned module: separate, rank-major projections
+            q, k, v, o = module.q_proj, module.k_proj, module.v_proj, module.c_proj
+            return {
+                "qk": (split_heads(q.weight, q.bias, h, rank_major=True), split_heads(k.weight, k.bias, h, rank_major=True)),
+                "vo": (split_heads(v.weight, v.bias, h, rank_major=True), split_output(o.weight, h, rank_major=True)),
+            }
         if module.is_cross_attention:
             raise NotImplementedError("GPT-2 cross-attention (add_cross_attention=True) is not supported")
-        d, h = module.embed_dim, module.num_heads
         qk_dim, v_dim = _dims(module)
         w, b = module.c_attn.weight, module.c_attn.bias  # (d, h*(2qk+v)), x @ W
         wq, wk, wv = w.split([h * qk_dim, h * qk_dim, h * v_dim], dim=1)
@@ -30,20 +36,22 @@ class GPT2Adapter:
             "vo": (split_heads(wv, bv, h), split_output(module.c_proj.weight, h)),  # (h, d+1, v), (h, d, v)
         }
 
-    def pruned(self, module: GPT2Attention, widths: dict[str, int]) -> CloverGPT2Attention:
+    def pruned(self, module: GPT2Attention, widths: dict[str, int], *, share: bool = False) -> CloverGPT2Attention:
         qk_dim, v_dim = _dims(module)
         new = CloverGPT2Attention(module.config, module.layer_idx, widths.get("qk", qk_dim), widths.get("vo", v_dim))
-        new.c_proj.bias = copy.deepcopy(module.c_proj.bias)  # b_o is untouched by V-O pruning
-        return new.to(device=module.c_attn.weight.device, dtype=module.c_attn.weight.dtype)
+        new.c_proj.bias = module.c_proj.bias if share else copy.deepcopy(module.c_proj.bias)  # b_o: not pruned
+        weight = module.c_proj.weight
+        return new.to(device=weight.device, dtype=weight.dtype)
 
-    def load_factors(self, module: CloverGPT2Attention, factors: dict[str, Factors]) -> None:
-        wq, bq = merge_heads(factors["qk"][0])
-        wk, bk = merge_heads(factors["qk"][1])
-        wv, bv = merge_heads(factors["vo"][0])
-        with torch.no_grad():
-            module.c_attn.weight.copy_(torch.cat([wq, wk, wv], dim=1))
-            module.c_attn.bias.copy_(torch.cat([bq, bk, bv]))
-            module.c_proj.weight.copy_(merge_output(factors["vo"][1]))
+    def load_factors(self, module: CloverGPT2Attention, factors: dict[str, Factors], *, share: bool = False) -> None:
+        (qa, kb), (va, ob) = factors["qk"], factors["vo"]
+        for proj, factor in ((module.q_proj, qa), (module.k_proj, kb), (module.v_proj, va)):
+            weight, bias = input_projection(factor, share=share, x_at_w=True)
+            assign(proj, "weight", weight, share=share)
+            assign(proj, "bias", bias, share=share)
+            set_attributes(proj, nf=bias.shape[0])
+        assign(module.c_proj, "weight", output_projection(ob, share=share, x_at_w=True), share=share)
+        set_attributes(module, qk_dim=qa.shape[-1], v_dim=va.shape[-1])
 
     def params_per_direction(self, module: nn.Module) -> dict[str, int]:
         d = module.embed_dim

@@ -16,40 +16,43 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 
 from ..attention import padded_width
 from ..remote.modeling_clover_llama import CloverLlamaAttention
-from .base import Factors, merge_heads, merge_output, split_heads, split_output
+from .base import Factors, assign, input_projection, output_projection, set_attributes, split_heads, split_output
 
 
 class LlamaAdapter:
     """Adapter for :class:`LlamaAttention`: V-O only, grouped basis for shared KV heads."""
 
     def factors(self, module: LlamaAttention) -> dict[str, Factors]:
-        cfg = module.config
+        cfg, rm = module.config, isinstance(module, CloverLlamaAttention)  # pruned modules are rank-major
         kv, g = cfg.num_key_value_heads, module.num_key_value_groups
         v, o = module.v_proj, module.o_proj
-        a = split_heads(v.weight.T, v.bias, kv)  # (kv, d+1, hd)
-        b = split_output(o.weight.T, kv * g)  # (heads, d, hd): query head h uses KV head h // g
+        a = split_heads(v.weight.T, v.bias, kv, rank_major=rm)  # (kv, d+1, hd)
+        b = split_output(o.weight.T, kv * g, rank_major=rm)  # (heads, d, hd): query head h uses KV head h // g
         b = b.reshape(kv, g * b.shape[1], b.shape[2])  # (kv, g*d, hd): the group's W_o blocks stacked
         return {"vo": (a, b)}
 
-    def pruned(self, module: LlamaAttention, widths: dict[str, int]) -> CloverLlamaAttention:
+    def pruned(self, module: LlamaAttention, widths: dict[str, int], *, share: bool = False) -> CloverLlamaAttention:
         if "qk" in widths:
             raise ValueError("Q-K pruning does not apply to rotary (Llama-family) attention; use target='vo'")
         new = CloverLlamaAttention(module.config, module.layer_idx, widths.get("vo", _v_dim(module)))
-        new.q_proj, new.k_proj = copy.deepcopy(module.q_proj), copy.deepcopy(module.k_proj)  # untouched
+        keep = (lambda m: m) if share else copy.deepcopy
+        new.q_proj, new.k_proj = keep(module.q_proj), keep(module.k_proj)  # untouched
         if module.o_proj.bias is not None:
-            new.o_proj.bias = copy.deepcopy(module.o_proj.bias)  # b_o is untouched by V-O pruning
+            new.o_proj.bias = keep(module.o_proj.bias)  # b_o is untouched by V-O pruning
         return new.to(device=module.v_proj.weight.device, dtype=module.v_proj.weight.dtype)
 
-    def load_factors(self, module: CloverLlamaAttention, factors: dict[str, Factors]) -> None:
+    def load_factors(self, module: CloverLlamaAttention, factors: dict[str, Factors], *, share: bool = False) -> None:
         a, b = factors["vo"]
-        g = module.num_key_value_groups
-        wv, bv = merge_heads(a)
-        heads = b.reshape(b.shape[0] * g, b.shape[1] // g, b.shape[2])  # (heads, d, v)
-        with torch.no_grad():
-            module.v_proj.weight.copy_(wv.T)
-            if module.v_proj.bias is not None:
-                module.v_proj.bias.copy_(bv)
-            module.o_proj.weight.copy_(merge_output(heads).T)
+        g, w = module.num_key_value_groups, a.shape[-1]
+        weight, bias = input_projection(a, share=share)
+        assign(module.v_proj, "weight", weight, share=share)
+        if module.v_proj.bias is not None:
+            assign(module.v_proj, "bias", bias, share=share)
+        heads = b.reshape(b.shape[0] * g, b.shape[1] // g, w)  # (heads, d, v)
+        assign(module.o_proj, "weight", output_projection(heads, share=share), share=share)
+        set_attributes(module.v_proj, out_features=weight.shape[0])
+        set_attributes(module.o_proj, in_features=module.o_proj.weight.shape[1])
+        set_attributes(module, v_dim=w)
 
     def params_per_direction(self, module: nn.Module) -> dict[str, int]:
         cfg = module.config

@@ -11,35 +11,38 @@ from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from ..attention import padded_width
 from ..remote.modeling_clover_whisper import CloverWhisperAttention
-from .base import Factors, merge_heads, merge_output, split_heads, split_output
+from .base import Factors, assign, input_projection, output_projection, set_attributes, split_heads, split_output
 
 
 class WhisperAdapter:
     """Adapter for :class:`WhisperAttention` (self- and cross-attention)."""
 
     def factors(self, module: WhisperAttention) -> dict[str, Factors]:
-        h = module.num_heads
+        h, rm = module.num_heads, isinstance(module, CloverWhisperAttention)  # pruned modules are rank-major
         q, k, v, o = module.q_proj, module.k_proj, module.v_proj, module.out_proj
         return {
-            "qk": (split_heads(q.weight.T, q.bias, h), split_heads(k.weight.T, k.bias, h)),  # (h, d+1, qk)
-            "vo": (split_heads(v.weight.T, v.bias, h), split_output(o.weight.T, h)),  # (h, d+1, v), (h, d, v)
-        }
+            "qk": (split_heads(q.weight.T, q.bias, h, rank_major=rm), split_heads(k.weight.T, k.bias, h, rank_major=rm)),
+            "vo": (split_heads(v.weight.T, v.bias, h, rank_major=rm), split_output(o.weight.T, h, rank_major=rm)),
+        }  # (h, d+1, qk) twice; (h, d+1, v), (h, d, v)
 
-    def pruned(self, module: WhisperAttention, widths: dict[str, int]) -> CloverWhisperAttention:
+    def pruned(self, module: WhisperAttention, widths: dict[str, int], *, share: bool = False) -> CloverWhisperAttention:
         qk, v = getattr(module, "qk_dim", module.head_dim), getattr(module, "v_dim", module.head_dim)
         new = CloverWhisperAttention(module, widths.get("qk", qk), widths.get("vo", v))
-        new.out_proj.bias = copy.deepcopy(module.out_proj.bias)  # b_o is untouched by V-O pruning
+        bias = module.out_proj.bias
+        new.out_proj.bias = bias if share else copy.deepcopy(bias)  # b_o is untouched by V-O pruning
         return new.to(device=module.q_proj.weight.device, dtype=module.q_proj.weight.dtype)
 
-    def load_factors(self, module: CloverWhisperAttention, factors: dict[str, Factors]) -> None:
-        (wq, bq), (wk, _) = merge_heads(factors["qk"][0]), merge_heads(factors["qk"][1])  # k bias row stays 0
-        wv, bv = merge_heads(factors["vo"][0])
-        with torch.no_grad():
-            for linear, w in ((module.q_proj, wq), (module.k_proj, wk), (module.v_proj, wv)):
-                linear.weight.copy_(w.T)
-            module.q_proj.bias.copy_(bq)
-            module.v_proj.bias.copy_(bv)
-            module.out_proj.weight.copy_(merge_output(factors["vo"][1]).T)
+    def load_factors(self, module: CloverWhisperAttention, factors: dict[str, Factors], *, share: bool = False) -> None:
+        (qa, kb), (va, ob) = factors["qk"], factors["vo"]
+        for proj, factor in ((module.q_proj, qa), (module.k_proj, kb), (module.v_proj, va)):
+            weight, bias = input_projection(factor, share=share)
+            assign(proj, "weight", weight, share=share)
+            if proj.bias is not None:  # k_proj has none: its bias row is zero
+                assign(proj, "bias", bias, share=share)
+            set_attributes(proj, out_features=weight.shape[0])
+        assign(module.out_proj, "weight", output_projection(ob, share=share), share=share)
+        set_attributes(module.out_proj, in_features=module.out_proj.weight.shape[1])
+        set_attributes(module, qk_dim=qa.shape[-1], v_dim=va.shape[-1])
 
     def params_per_direction(self, module: nn.Module) -> dict[str, int]:
         d = module.embed_dim

@@ -5,6 +5,11 @@ transformers and torch alone (``trust_remote_code=True``): it must never import 
 Pruned heads keep fewer query/key and value features than ``head_dim``, so the softmax scale is
 passed explicitly (the ORIGINAL ``1/sqrt(head_dim)``); it is never inferred from the pruned width.
 Each layer stores the largest per-head rank; shorter heads are zero-padded, which changes nothing.
+
+Pruned projections are laid out RANK-MAJOR: feature ``j * heads + h`` is direction ``j`` of head ``h``
+(the original models are head-major, ``h * head_dim + j``). Keeping a head's best ``r`` directions then
+keeps the first ``r * heads`` features of the projection, a prefix, so a model can be re-pruned at any
+ratio by slicing one cached, orthogonalized weight instead of copying it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,16 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 def padded_width(ranks: list[int]) -> int:
     """The width a layer stores for ragged per-head ranks: the largest rank, at least 1."""
     return max(1, max(ranks, default=0))
+
+
+def split_ranks(x: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+    """Rank-major projected features ``(B, T, width * heads)`` -> per-head ``(B, heads, T, width)``."""
+    return x.unflatten(-1, (width, heads)).permute(0, 3, 1, 2).contiguous()
+
+
+def merge_ranks(out: torch.Tensor) -> torch.Tensor:
+    """Per-head attention output ``(B, T, heads, width)`` -> rank-major ``(B, T, width * heads)``."""
+    return out.transpose(-1, -2).flatten(-2)
 
 
 def eager_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from .clover_attention import attend, shrink_attention
+from .clover_attention import attend, merge_ranks, shrink_attention, split_ranks
 
 
 class CloverLlamaAttention(LlamaAttention):
@@ -29,12 +29,12 @@ class CloverLlamaAttention(LlamaAttention):
         bsz, seq = hidden_states.shape[:2]
         q = self.q_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(hidden_states).view(bsz, seq, -1, self.v_dim).transpose(1, 2)  # (B, nkv, T, v)
+        v = split_ranks(self.v_proj(hidden_states), self.config.num_key_value_heads, self.v_dim)  # (B, nkv, T, v)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         out, weights = attend(self, q, k, v, attention_mask, self.scaling, self.attention_dropout, **kwargs)
-        return self.o_proj(out.reshape(bsz, seq, -1)), weights  # (B, T, nh * v) -> (B, T, d)
+        return self.o_proj(merge_ranks(out)), weights  # (B, T, v * nh) -> (B, T, d)
 
 
 def _pruned(original: LlamaAttention, widths: dict[str, int]) -> CloverLlamaAttention:

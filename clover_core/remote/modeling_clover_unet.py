@@ -4,7 +4,8 @@
 Every pruned ``Attention`` (``attn1`` self-attention, ``attn2`` cross-attention) keeps ``qk`` query/key
 and ``v`` value features per head (the largest rank of its heads; shorter heads are zero-padded), and
 uses the ORIGINAL softmax scale ``attn.scale``: diffusers' default processor would infer the scale from
-the pruned key width, so a dedicated processor is installed.
+the pruned key width, so a dedicated processor is installed. Pruned projections are rank-major: feature
+``j * heads + h`` is direction ``j`` of head ``h``.
 """
 
 from __future__ import annotations
@@ -34,16 +35,22 @@ class CloverAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], bsz)
             attention_mask = attention_mask.view(bsz, h, -1, attention_mask.shape[-1])
-        q = attn.to_q(hidden_states).view(bsz, -1, h, self.qk_dim).transpose(1, 2)  # (B, nh, T, qk)
-        k = attn.to_k(context).view(bsz, -1, h, self.qk_dim).transpose(1, 2)  # (B, nh, S, qk)
-        v = attn.to_v(context).view(bsz, -1, h, self.v_dim).transpose(1, 2)  # (B, nh, S, v)
+        q = _split_ranks(attn.to_q(hidden_states), h, self.qk_dim)  # (B, nh, T, qk)
+        k = _split_ranks(attn.to_k(context), h, self.qk_dim)  # (B, nh, S, qk)
+        v = _split_ranks(attn.to_v(context), h, self.v_dim)  # (B, nh, S, v)
         out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(bsz, -1, h * self.v_dim).to(q.dtype)))
+        out = out.permute(0, 2, 3, 1).flatten(-2)  # (B, nh, T, v) -> rank-major (B, T, v * nh)
+        out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
         if spatial:
             out = out.transpose(-1, -2).reshape(b, c, height, width)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _split_ranks(x: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+    """Rank-major projected features ``(B, T, width * heads)`` -> per-head ``(B, heads, T, width)``."""
+    return x.unflatten(-1, (width, heads)).permute(0, 3, 1, 2).contiguous()
 
 
 def shrink(attn: Attention, widths: dict[str, int]) -> None:

@@ -12,7 +12,7 @@ from transformers import WhisperForConditionalGeneration
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
-from .clover_attention import attend, shrink_attention
+from .clover_attention import attend, merge_ranks, shrink_attention, split_ranks
 
 
 class CloverWhisperAttention(WhisperAttention):
@@ -30,9 +30,8 @@ class CloverWhisperAttention(WhisperAttention):
 
     def forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
                 output_attentions=False, **kwargs):
-        bsz, seq = hidden_states.shape[:2]
         h, cross = self.num_heads, key_value_states is not None
-        q = (self.q_proj(hidden_states) * self.scaling).view(bsz, seq, h, self.qk_dim).transpose(1, 2)  # (B,nh,T,qk)
+        q = split_ranks(self.q_proj(hidden_states) * self.scaling, h, self.qk_dim)  # (B, nh, T, qk)
         cache, reuse = past_key_values, False
         if isinstance(cache, EncoderDecoderCache):
             reuse = cross and bool(cache.is_updated.get(self.layer_idx))
@@ -43,12 +42,12 @@ class CloverWhisperAttention(WhisperAttention):
             k, v = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
         else:
             source = key_value_states if cross else hidden_states
-            k = self.k_proj(source).view(bsz, -1, h, self.qk_dim).transpose(1, 2)  # (B, nh, S, qk)
-            v = self.v_proj(source).view(bsz, -1, h, self.v_dim).transpose(1, 2)  # (B, nh, S, v)
+            k = split_ranks(self.k_proj(source), h, self.qk_dim)  # (B, nh, S, qk)
+            v = split_ranks(self.v_proj(source), h, self.v_dim)  # (B, nh, S, v)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
         out, weights = attend(self, q, k, v, attention_mask, 1.0, self.dropout, **kwargs)  # (B, T, nh, v)
-        return self.out_proj(out.reshape(bsz, seq, h * self.v_dim)), weights
+        return self.out_proj(merge_ranks(out)), weights
 
 
 def _pruned(original: WhisperAttention, widths: dict[str, int]) -> CloverWhisperAttention:

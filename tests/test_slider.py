@@ -1,0 +1,113 @@
+"""cc.Slider: one model re-pruned in place at any ratio, with the weights of cc.prune and no copies."""
+
+import pytest
+import torch
+
+import clover_core as cc
+from clover_core.checkpoint import load_pruned, save_pruned
+
+from .conftest import unet_inputs
+from .tolerances import SAME_MATH
+
+CASES = [  # (mode, arguments) of one slider position
+    ("uniform", dict(ratio=0.5)),
+    ("global", dict(ratio=0.4)),
+    ("threshold", dict(threshold=0.05)),
+    ("uniform", dict(ratio=0.0)),
+]
+
+
+def attention_state(model, dec):
+    return {f"{name}.{k}": v for name in dec.modules for k, v in model.get_submodule(name).state_dict().items()}
+
+
+def assert_same_weights(slid, pruned, dec):
+    a, b = attention_state(slid, dec), attention_state(pruned, dec)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert slid.config.clover["ranks"] == pruned.config.clover["ranks"]
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.sample
+
+
+def models(make_gpt2, make_whisper, make_llama, make_unet, tokens):
+    sample, t, text, added = unet_inputs()
+    return {
+        "gpt2": (make_gpt2("3x16"), {"input_ids": tokens}, "both"),
+        "whisper": (make_whisper(), {"input_features": torch.randn(1, 8, 40, generator=torch.Generator().manual_seed(0)),
+                                     "decoder_input_ids": torch.tensor([[1, 5, 7, 9]])}, "both"),
+        "llama": (make_llama(bias=True), {"input_ids": tokens}, "vo"),
+        "unet": (make_unet(), dict(sample=sample, timestep=t, encoder_hidden_states=text,
+                                   added_cond_kwargs=added), "both"),
+    }
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "whisper", "llama", "unet"])
+@pytest.mark.parametrize("method", ["clover", "vanilla"])
+def test_slider_matches_prune(make_gpt2, make_whisper, make_llama, make_unet, tokens, arch, method):
+    model, inputs, target = models(make_gpt2, make_whisper, make_llama, make_unet, tokens)[arch]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dec = cc.decompose(model)
+    slider = cc.Slider(dec, method)
+    first = None
+    for mode, kw in CASES:
+        slid = slider(target=target, mode=mode, **kw)
+        first = first or slid
+        assert slid is first  # one model object, re-pointed
+        pruned = cc.prune(dec, target=target, method=method, mode=mode, **kw)
+        assert_same_weights(slid, pruned, dec)
+        torch.testing.assert_close(run(slid, inputs), run(pruned, inputs), **SAME_MATH)
+    for k, v in model.state_dict().items():  # the original is untouched
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("how", ["slider", "share_weights"])
+def test_uniform_clover_weights_are_views_of_the_decomposition(make_gpt2, tokens, how):
+    model = make_gpt2("3x16")
+    dec = cc.decompose(model)
+    slid = cc.Slider(dec)(0.5, target="both") if how == "slider" else cc.prune(dec, 0.5, "both", share_weights=True)
+    for name, md in dec.modules.items():
+        module = slid.get_submodule(name)
+        for proj, pair, side in ((module.q_proj, "qk", "a"), (module.k_proj, "qk", "b"), (module.v_proj, "vo", "a"),
+                                 (module.c_proj, "vo", "b")):
+            factor = getattr(md.pairs[pair], side)
+            assert proj.weight.untyped_storage().data_ptr() == factor.untyped_storage().data_ptr(), (name, pair)
+        assert module.q_proj.weight.shape == (48, 3 * 8)  # d = 48; 3 heads keep 8 of 16 directions
+    # the MLPs and embeddings are the original's tensors
+    assert slid.transformer.wte.weight is model.transformer.wte.weight
+    assert slid.transformer.h[0].mlp.c_fc.weight is model.transformer.h[0].mlp.c_fc.weight
+    # without share_weights nothing is shared
+    copied = cc.prune(dec, 0.5, "both")
+    attn, md = copied.transformer.h[0].attn, dec.modules["transformer.h.0.attn"]
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != md.pairs["qk"].a.untyped_storage().data_ptr()
+    assert attn.q_proj.weight.is_contiguous() and attn.q_proj.bias.is_contiguous()
+
+
+def test_slider_moves_both_ways_and_saves(make_gpt2, tokens, tmp_path):
+    model = make_gpt2("5x8")
+    dec = cc.decompose(model)
+    slider = cc.Slider(dec)
+    reference = {r: run(cc.prune(dec, ratio=r, target="both"), {"input_ids": tokens}) for r in (0.25, 0.75)}
+    for r in (0.75, 0.25, 0.75):
+        torch.testing.assert_close(run(slider(r, target="both"), {"input_ids": tokens}), reference[r], **SAME_MATH)
+    # weights that are views of one cached buffer (weight and bias together) save as separate tensors
+    out = save_pruned(slider(0.25, target="both"), tmp_path / "pruned")
+    torch.testing.assert_close(run(load_pruned(out), {"input_ids": tokens}), reference[0.25], **SAME_MATH)
+
+
+def test_slider_rejects_bad_input(make_gpt2, make_llama):
+    with pytest.raises(TypeError, match="needs a Decomposition"):
+        cc.Slider(make_gpt2())
+    dec = cc.decompose(make_gpt2())
+    with pytest.raises(ValueError, match="method='pca' is not supported"):
+        cc.Slider(dec, "pca")
+    slider = cc.Slider(dec)
+    with pytest.raises(ValueError, match="ratio=1.5 is out of range"):
+        slider(1.5)
+    with pytest.raises(ValueError, match="use target='vo'"):
+        cc.Slider(cc.decompose(make_llama()))(0.5, target="qk")

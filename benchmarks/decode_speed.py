@@ -39,11 +39,12 @@ def load(name: str, device: torch.device) -> tuple[torch.nn.Module, str]:
 
 
 def variants(model: torch.nn.Module, ratio: float) -> list[tuple[str, torch.nn.Module]]:
-    """The original, and CLOVER at ``ratio`` in uniform and global mode (weights shared: read-only use)."""
+    """The original, and CLOVER at ``ratio`` in uniform and global mode, as ``cc.prune`` builds them for
+    deployment (head-major projections, the layout checkpoints store)."""
     dec = cc.decompose(model)
     target = "both" if "qk" in dec.pair_types else "vo"
     return [("original", model)] + [
-        (f"clover {target} {mode} {ratio}", cc.prune(dec, ratio=ratio, target=target, mode=mode, share_weights=True))
+        (f"clover {target} {mode} {ratio}", cc.prune(dec, ratio=ratio, target=target, mode=mode))
         for mode in ("uniform", "global")]
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.initialization import no_init_weights
 
-from .adapters import adapter_for
+from .adapters import adapter_for, is_rank_major
 from .attention import padded_width
 from .model_card import CARD, model_card
 from .prune import FORMAT, attach_ranks, pruning_record, record, set_submodule
@@ -88,27 +88,30 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, processor=None,
 
 
 def _save_weights(model: nn.Module, folder: Path, dtype: torch.dtype | None, max_shard_size: str) -> None:
-    with _own_memory(model):
+    with _head_major(model):
         _save_owned(model, folder, dtype, max_shard_size)
 
 
 @contextlib.contextmanager
-def _own_memory(model: nn.Module):
-    """While saving, every parameter that is a view into a larger buffer (a :class:`~clover_core.Slider`'s
-    or ``share_weights`` model: a weight and its bias may be two views of one cached factor) is replaced
-    by a contiguous copy of its own, so the files hold exactly the tensors; the model is restored after."""
+def _head_major(model: nn.Module):
+    """A model re-pruned in place (:class:`~clover_core.Slider`, ``share_weights=True``) holds rank-major
+    attention modules whose weights are views of a decomposition. While saving, each is swapped for a
+    head-major copy (the layout checkpoints store, and the one the model card's code loads); the model
+    is restored afterwards."""
     swapped = []
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and (not p.is_contiguous() or p.untyped_storage().nbytes() != p.numel() * p.element_size()):
-                module._parameters[name] = nn.Parameter(p.detach().clone(memory_format=torch.contiguous_format),
-                                                        requires_grad=p.requires_grad)
-                swapped.append((module, name, p))
     try:
+        for name, module in [(n, m) for n, m in model.named_modules() if is_rank_major(m)]:
+            adapter, ranks = adapter_for(module), module.clover_ranks
+            with torch.no_grad(), no_init_weights():
+                saved = adapter.pruned(module, {p: padded_width(r) for p, r in ranks.items()})
+                adapter.load_factors(saved, adapter.factors(module))
+            attach_ranks(saved, adapter, ranks)
+            set_submodule(model, name, saved.train(module.training))
+            swapped.append((name, module))
         yield
     finally:
-        for module, name, p in swapped:
-            module._parameters[name] = p
+        for name, module in swapped:
+            set_submodule(model, name, module)
 
 
 def _save_owned(model: nn.Module, folder: Path, dtype: torch.dtype | None, max_shard_size: str) -> None:

@@ -153,9 +153,11 @@ def prune(model_or_dec: nn.Module | Decomposition, ratio: float | None = None, t
         share_weights: reuse, instead of copying, every parameter and buffer outside the attention
             modules (embeddings, MLPs, norms). Re-pruning from a cached decomposition then costs no
             copy of the model and no extra memory, but the pruned model and the original hold the
-            same tensors, and the pruned CLOVER weights are views of the decomposition's (rank-major)
-            factors: use it for read-only work (evaluation); training or editing either model in place
-            would change both. For an interactive ratio slider, :class:`Slider` also reuses the model.
+            same tensors, and the kept CLOVER weights are views of the decomposition's factors (the
+            attention modules then lay their projections out rank-major, like :class:`Slider`'s;
+            ``save_pruned`` writes the usual head-major layout): use it for read-only work
+            (evaluation); training or editing either model in place would change both. For an
+            interactive ratio slider, :class:`Slider` also reuses the model object.
 
     Returns:
         The pruned model; ``model.config.clover`` records the method and every head's kept rank.
@@ -202,9 +204,9 @@ class Slider:
     """Re-prune one decomposed model at any ratio in milliseconds: what an interactive ratio slider needs.
 
     Every call returns the SAME model object, re-pointed to the new ranks: no SVD, no copy of the
-    model and, for CLOVER at a uniform ratio, no copy of any weight. A pruned module's projections are
-    rank-major and the decomposition stores its rotated factors rank-major too, so keeping each head's
-    best ``r`` directions is a slice of them (a view); ragged per-head ranks (``global`` and
+    model and, for CLOVER at a uniform ratio, no copy of any weight. The slider's attention modules
+    lay their projections out rank-major, as the decomposition stores its rotated factors, so keeping
+    each head's best ``r`` directions is a slice of them (a view); ragged per-head ranks (``global`` and
     ``threshold`` modes) copy the kept columns once, zero-padded, like :func:`prune`. Weights outside the
     attention modules are the original model's; pairs left whole (and vanilla's original columns) come
     from a rank-major copy of the original factors, made on first use and shared by every slider of

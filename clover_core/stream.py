@@ -385,7 +385,7 @@ def _header_bound(skeleton: nn.Module, attention: dict[str, tuple[nn.Module, obj
     shapes = {n: list(t.shape) for n, t in skeleton.state_dict().items()}
     with torch.device("meta"), no_init_weights():
         for name, (module, adapter) in attention.items():
-            pruned = adapter.pruned(module, {}, share=True).state_dict()
+            pruned = adapter.pruned(module, {}).state_dict()
             shapes.update({f"{name}.{k}": list(t.shape) for k, t in pruned.items()})
     entries = {n: {"dtype": "BF16", "shape": shape, "data_offsets": [10**15, 10**15]} for n, shape in shapes.items()}
     return len(json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":"))) + 64

@@ -17,15 +17,13 @@ CASES = [  # (mode, arguments) of one slider position
 ]
 
 
-def attention_state(model, dec):
-    return {f"{name}.{k}": v for name in dec.modules for k, v in model.get_submodule(name).state_dict().items()}
-
-
 def assert_same_weights(slid, pruned, dec):
-    a, b = attention_state(slid, dec), attention_state(pruned, dec)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    """Every pair's factors equal, read back from the slider's rank-major modules and prune's head-major ones."""
+    for name, md in dec.modules.items():
+        a, b = md.adapter.factors(slid.get_submodule(name)), md.adapter.factors(pruned.get_submodule(name))
+        assert a.keys() == b.keys()
+        for pair in a:
+            assert all(torch.equal(x, y) for x, y in zip(a[pair], b[pair])), (name, pair)
     assert slid.config.clover["ranks"] == pruned.config.clover["ranks"]
 
 
@@ -49,7 +47,7 @@ def models(make_gpt2, make_whisper, make_llama, make_unet, tokens):
 
 @pytest.mark.parametrize("arch", ["gpt2", "whisper", "llama", "unet"])
 @pytest.mark.parametrize("method", ["clover", "vanilla"])
-def test_slider_matches_prune(make_gpt2, make_whisper, make_llama, make_unet, tokens, arch, method):
+def test_slider_matches_prune(make_gpt2, make_whisper, make_llama, make_unet, tokens, arch, method, tmp_path):
     model, inputs, target = models(make_gpt2, make_whisper, make_llama, make_unet, tokens)[arch]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dec = cc.decompose(model)
@@ -62,6 +60,13 @@ def test_slider_matches_prune(make_gpt2, make_whisper, make_llama, make_unet, to
         pruned = cc.prune(dec, target=target, method=method, mode=mode, **kw)
         assert_same_weights(slid, pruned, dec)
         torch.testing.assert_close(run(slid, inputs), run(pruned, inputs), **SAME_MATH)
+    # saved head-major, as prune() builds it; the slider's model keeps its own layout
+    slid = slider(0.4, target=target, mode="global")
+    pruned = cc.prune(dec, 0.4, target=target, method=method, mode="global")
+    again = load_pruned(save_pruned(slid, tmp_path / arch))
+    assert_same_weights(again, pruned, dec)
+    torch.testing.assert_close(run(again, inputs), run(pruned, inputs), **SAME_MATH)
+    torch.testing.assert_close(run(slid, inputs), run(pruned, inputs), **SAME_MATH)
     for k, v in model.state_dict().items():  # the original is untouched
         assert torch.equal(v, before[k]), k
 
@@ -81,11 +86,12 @@ def test_uniform_clover_weights_are_views_of_the_decomposition(make_gpt2, tokens
     # the MLPs and embeddings are the original's tensors
     assert slid.transformer.wte.weight is model.transformer.wte.weight
     assert slid.transformer.h[0].mlp.c_fc.weight is model.transformer.h[0].mlp.c_fc.weight
-    # without share_weights nothing is shared
+    # without share_weights nothing is shared, and the layout is the saved one: head-major, fused c_attn
     copied = cc.prune(dec, 0.5, "both")
     attn, md = copied.transformer.h[0].attn, dec.modules["transformer.h.0.attn"]
-    assert attn.q_proj.weight.untyped_storage().data_ptr() != md.pairs["qk"].a.untyped_storage().data_ptr()
-    assert attn.q_proj.weight.is_contiguous() and attn.q_proj.bias.is_contiguous()
+    assert not attn.rank_major and not hasattr(attn, "q_proj")
+    assert attn.c_attn.weight.untyped_storage().data_ptr() != md.pairs["qk"].a.untyped_storage().data_ptr()
+    assert attn.c_attn.weight.is_contiguous() and attn.c_attn.bias.is_contiguous()
 
 
 def test_slider_moves_both_ways_and_saves(make_gpt2, tokens, tmp_path):

@@ -45,4 +45,9 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:
     return found
 
 
-__all__ = ["ADAPTERS", "Adapter", "Factors", "adapter_for", "attention_modules"]
+def is_rank_major(module: nn.Module) -> bool:
+    """Whether a pruned attention module uses the rank-major layout of a model re-pruned in place."""
+    return bool(getattr(module, "rank_major", False) or getattr(getattr(module, "processor", None), "rank_major", False))
+
+
+__all__ = ["ADAPTERS", "Adapter", "Factors", "adapter_for", "attention_modules", "is_rank_major"]

@@ -66,30 +66,34 @@ def split_output(weight: torch.Tensor, n_heads: int, *, rank_major: bool = False
     return weight.view(n_heads, width // n_heads, d_out).transpose(1, 2)  # (n, d_out, k)
 
 
-def input_projection(factor: torch.Tensor, *, share: bool, x_at_w: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """A left factor ``(n, d + 1, w)`` -> the rank-major weight and bias of the projection that makes it.
+def input_projection(factor: torch.Tensor, *, rank_major: bool, share: bool = False,
+                     x_at_w: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left factor ``(n, d + 1, w)`` -> the weight and bias of the projection that makes it.
 
     Args:
         factor: per-head columns with the bias as the last row, of any strides.
-        share: return views of ``factor`` where its memory allows (a decomposition's factors are stored
-            rank-major, so a prefix of their columns is a plain slice); otherwise fresh contiguous tensors.
+        rank_major: features ``j * n + h`` (a model re-pruned in place) instead of ``h * w + j``.
+        share: return views of ``factor`` where its memory allows (a decomposition stores its factors
+            rank-major, so their leading columns are a plain slice); otherwise fresh contiguous tensors.
         x_at_w: ``Conv1D`` layout ``(d, w*n)`` instead of ``nn.Linear``'s ``(w*n, d)``.
 
     Returns:
         ``(weight, bias)``, bias ``(w*n,)``.
     """
     n, _, w = factor.shape
-    inputs = factor[:, :-1]  # (n, d, w)
-    weight = inputs.permute(1, 2, 0).flatten(1) if x_at_w else inputs.permute(2, 0, 1).flatten(0, 1)
-    bias = factor[:, -1].T.reshape(w * n)  # (w, n) -> (w*n,)
+    inputs, features = factor[:, :-1], ((2, 0) if rank_major else (0, 2))  # (n, d, w); feature order
+    weight = inputs.permute(1, *features).flatten(1) if x_at_w else inputs.permute(*features, 1).flatten(0, 1)
+    bias = factor[:, -1]  # (n, w)
+    bias = (bias.T if rank_major else bias).reshape(w * n)
     return _owned(weight, factor, share), _owned(bias, factor, share)
 
 
-def output_projection(factor: torch.Tensor, *, share: bool, x_at_w: bool = False) -> torch.Tensor:
-    """A right factor ``(n, d_out, w)`` -> the rank-major output projection: ``nn.Linear``'s ``(d_out, w*n)``
-    or, with ``x_at_w``, ``Conv1D``'s ``(w*n, d_out)``; views of ``factor`` with ``share`` (see
-    :func:`input_projection`)."""
-    weight = factor.permute(2, 0, 1).flatten(0, 1) if x_at_w else factor.permute(1, 2, 0).flatten(1)
+def output_projection(factor: torch.Tensor, *, rank_major: bool, share: bool = False,
+                      x_at_w: bool = False) -> torch.Tensor:
+    """A right factor ``(n, d_out, w)`` -> the output projection: ``nn.Linear``'s ``(d_out, w*n)`` or,
+    with ``x_at_w``, ``Conv1D``'s ``(w*n, d_out)``; arguments as in :func:`input_projection`."""
+    features = (2, 0) if rank_major else (0, 2)
+    weight = factor.permute(*features, 1).flatten(0, 1) if x_at_w else factor.permute(1, *features).flatten(1)
     return _owned(weight, factor, share)
 
 

@@ -19,7 +19,7 @@ class DiffusersAttentionAdapter:
 
     def factors(self, module: Attention) -> dict[str, Factors]:
         _check_plain(module)
-        h, rm = module.heads, isinstance(module.processor, CloverAttnProcessor)  # pruned: rank-major
+        h, rm = module.heads, getattr(module.processor, "rank_major", False)  # re-pruned in place: rank-major
         q, k, v, o = module.to_q, module.to_k, module.to_v, module.to_out[0]
         return {
             "qk": (split_heads(q.weight.T, q.bias, h, rank_major=rm), split_heads(k.weight.T, k.bias, h, rank_major=rm)),
@@ -31,22 +31,22 @@ class DiffusersAttentionAdapter:
         linears = (module.to_q, module.to_k, module.to_v, module.to_out[0])
         new = copy.deepcopy(module, {id(m): m for m in linears})  # the four projections shared, then replaced
         qk, v = widths.get("qk", _dims(module)[0]), widths.get("vo", _dims(module)[1])
-        shrink(new, {"qk": qk, "vo": v})  # fresh projections and the CLOVER processor, as a checkpoint loads
+        shrink(new, {"qk": qk, "vo": v}, rank_major=share)  # fresh projections and the CLOVER processor
         bias = module.to_out[0].bias
         if bias is not None:
             new.to_out[0].bias = bias if share else copy.deepcopy(bias)  # b_o is untouched by V-O pruning
         return new.to(device=module.to_q.weight.device, dtype=module.to_q.weight.dtype)
 
     def load_factors(self, module: Attention, factors: dict[str, Factors], *, share: bool = False) -> None:
-        (qa, kb), (va, ob) = factors["qk"], factors["vo"]
+        (qa, kb), (va, ob), rm = factors["qk"], factors["vo"], module.processor.rank_major
         for linear, factor in ((module.to_q, qa), (module.to_k, kb), (module.to_v, va)):
-            weight, bias = input_projection(factor, share=share)
+            weight, bias = input_projection(factor, rank_major=rm, share=share)
             assign(linear, "weight", weight, share=share)
             if linear.bias is not None:
                 assign(linear, "bias", bias, share=share)
             set_attributes(linear, out_features=weight.shape[0])
         out = module.to_out[0]
-        assign(out, "weight", output_projection(ob, share=share), share=share)
+        assign(out, "weight", output_projection(ob, rank_major=rm, share=share), share=share)
         set_attributes(out, in_features=out.weight.shape[1])
         set_attributes(module.processor, qk_dim=qa.shape[-1], v_dim=va.shape[-1])
 

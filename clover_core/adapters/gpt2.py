@@ -19,7 +19,7 @@ class GPT2Adapter:
 
     def factors(self, module: GPT2Attention) -> dict[str, Factors]:
         h = module.num_heads
-        if isinstance(module, CloverGPT2Attention):  # a pruned module: separate, rank-major projections
+        if getattr(module, "rank_major", False):  # re-pruned in place: separate, rank-major projections
             q, k, v, o = module.q_proj, module.k_proj, module.v_proj, module.c_proj
             return {
                 "qk": (split_heads(q.weight, q.bias, h, rank_major=True), split_heads(k.weight, k.bias, h, rank_major=True)),
@@ -38,19 +38,27 @@ class GPT2Adapter:
 
     def pruned(self, module: GPT2Attention, widths: dict[str, int], *, share: bool = False) -> CloverGPT2Attention:
         qk_dim, v_dim = _dims(module)
-        new = CloverGPT2Attention(module.config, module.layer_idx, widths.get("qk", qk_dim), widths.get("vo", v_dim))
+        new = CloverGPT2Attention(module.config, module.layer_idx, widths.get("qk", qk_dim), widths.get("vo", v_dim),
+                                  rank_major=share)
         new.c_proj.bias = module.c_proj.bias if share else copy.deepcopy(module.c_proj.bias)  # b_o: not pruned
         weight = module.c_proj.weight
         return new.to(device=weight.device, dtype=weight.dtype)
 
     def load_factors(self, module: CloverGPT2Attention, factors: dict[str, Factors], *, share: bool = False) -> None:
         (qa, kb), (va, ob) = factors["qk"], factors["vo"]
-        for proj, factor in ((module.q_proj, qa), (module.k_proj, kb), (module.v_proj, va)):
-            weight, bias = input_projection(factor, share=share, x_at_w=True)
-            assign(proj, "weight", weight, share=share)
-            assign(proj, "bias", bias, share=share)
-            set_attributes(proj, nf=bias.shape[0])
-        assign(module.c_proj, "weight", output_projection(ob, share=share, x_at_w=True), share=share)
+        rm = module.rank_major
+        fused = not rm  # head-major: one c_attn, whose concatenation copies anyway
+        projected = [input_projection(f, rank_major=rm, share=share or fused, x_at_w=True) for f in (qa, kb, va)]
+        if rm:
+            for proj, (weight, bias) in zip((module.q_proj, module.k_proj, module.v_proj), projected):
+                assign(proj, "weight", weight, share=share)
+                assign(proj, "bias", bias, share=share)
+                set_attributes(proj, nf=bias.shape[0])
+        else:
+            assign(module.c_attn, "weight", torch.cat([w for w, _ in projected], dim=1), share=False)
+            assign(module.c_attn, "bias", torch.cat([b for _, b in projected]), share=False)
+            set_attributes(module.c_attn, nf=module.c_attn.bias.shape[0])
+        assign(module.c_proj, "weight", output_projection(ob, rank_major=rm, share=share, x_at_w=True), share=share)
         set_attributes(module, qk_dim=qa.shape[-1], v_dim=va.shape[-1])
 
     def params_per_direction(self, module: nn.Module) -> dict[str, int]:

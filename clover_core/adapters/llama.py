@@ -23,7 +23,7 @@ class LlamaAdapter:
     """Adapter for :class:`LlamaAttention`: V-O only, grouped basis for shared KV heads."""
 
     def factors(self, module: LlamaAttention) -> dict[str, Factors]:
-        cfg, rm = module.config, isinstance(module, CloverLlamaAttention)  # pruned modules are rank-major
+        cfg, rm = module.config, getattr(module, "rank_major", False)  # re-pruned in place: rank-major
         kv, g = cfg.num_key_value_heads, module.num_key_value_groups
         v, o = module.v_proj, module.o_proj
         a = split_heads(v.weight.T, v.bias, kv, rank_major=rm)  # (kv, d+1, hd)
@@ -34,7 +34,7 @@ class LlamaAdapter:
     def pruned(self, module: LlamaAttention, widths: dict[str, int], *, share: bool = False) -> CloverLlamaAttention:
         if "qk" in widths:
             raise ValueError("Q-K pruning does not apply to rotary (Llama-family) attention; use target='vo'")
-        new = CloverLlamaAttention(module.config, module.layer_idx, widths.get("vo", _v_dim(module)))
+        new = CloverLlamaAttention(module.config, module.layer_idx, widths.get("vo", _v_dim(module)), rank_major=share)
         keep = (lambda m: m) if share else copy.deepcopy
         new.q_proj, new.k_proj = keep(module.q_proj), keep(module.k_proj)  # untouched
         if module.o_proj.bias is not None:
@@ -43,13 +43,13 @@ class LlamaAdapter:
 
     def load_factors(self, module: CloverLlamaAttention, factors: dict[str, Factors], *, share: bool = False) -> None:
         a, b = factors["vo"]
-        g, w = module.num_key_value_groups, a.shape[-1]
-        weight, bias = input_projection(a, share=share)
+        g, w, rm = module.num_key_value_groups, a.shape[-1], module.rank_major
+        weight, bias = input_projection(a, rank_major=rm, share=share)
         assign(module.v_proj, "weight", weight, share=share)
         if module.v_proj.bias is not None:
             assign(module.v_proj, "bias", bias, share=share)
         heads = b.reshape(b.shape[0] * g, b.shape[1] // g, w)  # (heads, d, v)
-        assign(module.o_proj, "weight", output_projection(heads, share=share), share=share)
+        assign(module.o_proj, "weight", output_projection(heads, rank_major=rm, share=share), share=share)
         set_attributes(module.v_proj, out_features=weight.shape[0])
         set_attributes(module.o_proj, in_features=module.o_proj.weight.shape[1])
         set_attributes(module, v_dim=w)

@@ -18,7 +18,7 @@ class WhisperAdapter:
     """Adapter for :class:`WhisperAttention` (self- and cross-attention)."""
 
     def factors(self, module: WhisperAttention) -> dict[str, Factors]:
-        h, rm = module.num_heads, isinstance(module, CloverWhisperAttention)  # pruned modules are rank-major
+        h, rm = module.num_heads, getattr(module, "rank_major", False)  # re-pruned in place: rank-major
         q, k, v, o = module.q_proj, module.k_proj, module.v_proj, module.out_proj
         return {
             "qk": (split_heads(q.weight.T, q.bias, h, rank_major=rm), split_heads(k.weight.T, k.bias, h, rank_major=rm)),
@@ -27,20 +27,20 @@ class WhisperAdapter:
 
     def pruned(self, module: WhisperAttention, widths: dict[str, int], *, share: bool = False) -> CloverWhisperAttention:
         qk, v = getattr(module, "qk_dim", module.head_dim), getattr(module, "v_dim", module.head_dim)
-        new = CloverWhisperAttention(module, widths.get("qk", qk), widths.get("vo", v))
+        new = CloverWhisperAttention(module, widths.get("qk", qk), widths.get("vo", v), rank_major=share)
         bias = module.out_proj.bias
         new.out_proj.bias = bias if share else copy.deepcopy(bias)  # b_o is untouched by V-O pruning
         return new.to(device=module.q_proj.weight.device, dtype=module.q_proj.weight.dtype)
 
     def load_factors(self, module: CloverWhisperAttention, factors: dict[str, Factors], *, share: bool = False) -> None:
-        (qa, kb), (va, ob) = factors["qk"], factors["vo"]
+        (qa, kb), (va, ob), rm = factors["qk"], factors["vo"], module.rank_major
         for proj, factor in ((module.q_proj, qa), (module.k_proj, kb), (module.v_proj, va)):
-            weight, bias = input_projection(factor, share=share)
+            weight, bias = input_projection(factor, rank_major=rm, share=share)
             assign(proj, "weight", weight, share=share)
             if proj.bias is not None:  # k_proj has none: its bias row is zero
                 assign(proj, "bias", bias, share=share)
             set_attributes(proj, out_features=weight.shape[0])
-        assign(module.out_proj, "weight", output_projection(ob, share=share), share=share)
+        assign(module.out_proj, "weight", output_projection(ob, rank_major=rm, share=share), share=share)
         set_attributes(module.out_proj, in_features=module.out_proj.weight.shape[1])
         set_attributes(module, qk_dim=qa.shape[-1], v_dim=va.shape[-1])
 

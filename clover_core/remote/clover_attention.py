@@ -6,10 +6,10 @@ Pruned heads keep fewer query/key and value features than ``head_dim``, so the s
 passed explicitly (the ORIGINAL ``1/sqrt(head_dim)``); it is never inferred from the pruned width.
 Each layer stores the largest per-head rank; shorter heads are zero-padded, which changes nothing.
 
-Pruned projections are laid out RANK-MAJOR: feature ``j * heads + h`` is direction ``j`` of head ``h``
-(the original models are head-major, ``h * head_dim + j``). Keeping a head's best ``r`` directions then
-keeps the first ``r * heads`` features of the projection, a prefix, so a model can be re-pruned at any
-ratio by slicing one cached, orthogonalized weight instead of copying it.
+Projections are head-major, like the original models (feature ``h * width + j`` is direction ``j``
+of head ``h``). A model that ``clover_core.Slider`` re-prunes in place uses the rank-major layout
+instead (``j * heads + h``, ``rank_major = True``): keeping every head's best ``r`` directions is then
+a prefix of one cached weight, a slice rather than a copy. Checkpoints are always saved head-major.
 """
 
 from __future__ import annotations
@@ -24,14 +24,17 @@ def padded_width(ranks: list[int]) -> int:
     return max(1, max(ranks, default=0))
 
 
-def split_ranks(x: torch.Tensor, heads: int, width: int) -> torch.Tensor:
-    """Rank-major projected features ``(B, T, width * heads)`` -> per-head ``(B, heads, T, width)``."""
-    return x.unflatten(-1, (width, heads)).permute(0, 3, 1, 2).contiguous()
+def to_heads(x: torch.Tensor, heads: int, width: int, rank_major: bool = False) -> torch.Tensor:
+    """Projected features ``(B, T, heads * width)`` -> per-head ``(B, heads, T, width)``."""
+    if rank_major:
+        return x.unflatten(-1, (width, heads)).permute(0, 3, 1, 2).contiguous()
+    return x.unflatten(-1, (heads, width)).transpose(1, 2)
 
 
-def merge_ranks(out: torch.Tensor) -> torch.Tensor:
-    """Per-head attention output ``(B, T, heads, width)`` -> rank-major ``(B, T, width * heads)``."""
-    return out.transpose(-1, -2).flatten(-2)
+def from_heads(out: torch.Tensor, rank_major: bool = False) -> torch.Tensor:
+    """Per-head attention output ``(B, T, heads, width)`` -> ``(B, T, heads * width)``, in the layout
+    the output projection expects."""
+    return (out.transpose(-1, -2) if rank_major else out).flatten(-2)
 
 
 def eager_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

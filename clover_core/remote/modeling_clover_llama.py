@@ -12,15 +12,16 @@ from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
-from .clover_attention import attend, merge_ranks, shrink_attention, split_ranks
+from .clover_attention import attend, from_heads, shrink_attention, to_heads
 
 
 class CloverLlamaAttention(LlamaAttention):
-    """Llama attention whose value heads keep ``v_dim`` features (queries and keys unchanged)."""
+    """Llama attention whose value heads keep ``v_dim`` features (queries and keys unchanged); rank-major
+    ``v_proj`` / ``o_proj`` with ``rank_major=True`` (a model re-pruned in place)."""
 
-    def __init__(self, config, layer_idx: int, v_dim: int):
+    def __init__(self, config, layer_idx: int, v_dim: int, rank_major: bool = False):
         super().__init__(config, layer_idx)
-        self.v_dim = v_dim
+        self.v_dim, self.rank_major = v_dim, rank_major
         bias = config.attention_bias
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * v_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * v_dim, config.hidden_size, bias=bias)
@@ -29,12 +30,12 @@ class CloverLlamaAttention(LlamaAttention):
         bsz, seq = hidden_states.shape[:2]
         q = self.q_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = split_ranks(self.v_proj(hidden_states), self.config.num_key_value_heads, self.v_dim)  # (B, nkv, T, v)
+        v = to_heads(self.v_proj(hidden_states), self.config.num_key_value_heads, self.v_dim, self.rank_major)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         out, weights = attend(self, q, k, v, attention_mask, self.scaling, self.attention_dropout, **kwargs)
-        return self.o_proj(merge_ranks(out)), weights  # (B, T, v * nh) -> (B, T, d)
+        return self.o_proj(from_heads(out, self.rank_major)), weights  # (B, T, nh * v) -> (B, T, d)
 
 
 def _pruned(original: LlamaAttention, widths: dict[str, int]) -> CloverLlamaAttention:

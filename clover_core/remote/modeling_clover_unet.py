@@ -4,8 +4,8 @@
 Every pruned ``Attention`` (``attn1`` self-attention, ``attn2`` cross-attention) keeps ``qk`` query/key
 and ``v`` value features per head (the largest rank of its heads; shorter heads are zero-padded), and
 uses the ORIGINAL softmax scale ``attn.scale``: diffusers' default processor would infer the scale from
-the pruned key width, so a dedicated processor is installed. Pruned projections are rank-major: feature
-``j * heads + h`` is direction ``j`` of head ``h``.
+the pruned key width, so a dedicated processor is installed. Projections are head-major, or rank-major
+(feature ``j * heads + h`` is direction ``j`` of head ``h``) in a model re-pruned in place.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from torch import nn
 class CloverAttnProcessor:
     """SDPA with ``qk_dim`` query/key and ``v_dim`` value features per head and the original scale."""
 
-    def __init__(self, qk_dim: int, v_dim: int):
-        self.qk_dim, self.v_dim = qk_dim, v_dim
+    def __init__(self, qk_dim: int, v_dim: int, rank_major: bool = False):
+        self.qk_dim, self.v_dim, self.rank_major = qk_dim, v_dim, rank_major
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
@@ -35,11 +35,12 @@ class CloverAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], bsz)
             attention_mask = attention_mask.view(bsz, h, -1, attention_mask.shape[-1])
-        q = _split_ranks(attn.to_q(hidden_states), h, self.qk_dim)  # (B, nh, T, qk)
-        k = _split_ranks(attn.to_k(context), h, self.qk_dim)  # (B, nh, S, qk)
-        v = _split_ranks(attn.to_v(context), h, self.v_dim)  # (B, nh, S, v)
+        rm = self.rank_major
+        q = _to_heads(attn.to_q(hidden_states), h, self.qk_dim, rm)  # (B, nh, T, qk)
+        k = _to_heads(attn.to_k(context), h, self.qk_dim, rm)  # (B, nh, S, qk)
+        v = _to_heads(attn.to_v(context), h, self.v_dim, rm)  # (B, nh, S, v)
         out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
-        out = out.permute(0, 2, 3, 1).flatten(-2)  # (B, nh, T, v) -> rank-major (B, T, v * nh)
+        out = (out.permute(0, 2, 3, 1) if rm else out.transpose(1, 2)).flatten(-2)  # (B, T, nh * v)
         out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
         if spatial:
             out = out.transpose(-1, -2).reshape(b, c, height, width)
@@ -48,12 +49,14 @@ class CloverAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def _split_ranks(x: torch.Tensor, heads: int, width: int) -> torch.Tensor:
-    """Rank-major projected features ``(B, T, width * heads)`` -> per-head ``(B, heads, T, width)``."""
-    return x.unflatten(-1, (width, heads)).permute(0, 3, 1, 2).contiguous()
+def _to_heads(x: torch.Tensor, heads: int, width: int, rank_major: bool) -> torch.Tensor:
+    """Projected features ``(B, T, heads * width)`` -> per-head ``(B, heads, T, width)``."""
+    if rank_major:
+        return x.unflatten(-1, (width, heads)).permute(0, 3, 1, 2).contiguous()
+    return x.unflatten(-1, (heads, width)).transpose(1, 2)
 
 
-def shrink(attn: Attention, widths: dict[str, int]) -> None:
+def shrink(attn: Attention, widths: dict[str, int], rank_major: bool = False) -> None:
     """Give ``attn`` (in place) the projection shapes of ``widths = {"qk": w, "vo": w}`` per head."""
     h = attn.heads
     qk = widths.get("qk", attn.to_q.out_features // h)
@@ -63,7 +66,7 @@ def shrink(attn: Attention, widths: dict[str, int]) -> None:
         setattr(attn, name, nn.Linear(old.in_features, n_out, bias=old.bias is not None))
     out = attn.to_out[0]
     attn.to_out[0] = nn.Linear(h * v, out.out_features, bias=out.bias is not None)
-    attn.set_processor(CloverAttnProcessor(qk, v))
+    attn.set_processor(CloverAttnProcessor(qk, v, rank_major))
 
 
 def _padded_width(ranks: list[int]) -> int:

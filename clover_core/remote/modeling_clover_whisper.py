@@ -12,16 +12,17 @@ from transformers import WhisperForConditionalGeneration
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
-from .clover_attention import attend, merge_ranks, shrink_attention, split_ranks
+from .clover_attention import attend, from_heads, shrink_attention, to_heads
 
 
 class CloverWhisperAttention(WhisperAttention):
-    """Whisper attention with ``qk_dim`` query/key and ``v_dim`` value features per head."""
+    """Whisper attention with ``qk_dim`` query/key and ``v_dim`` value features per head (rank-major
+    projections with ``rank_major=True``: a model re-pruned in place)."""
 
-    def __init__(self, original: WhisperAttention, qk_dim: int, v_dim: int):
+    def __init__(self, original: WhisperAttention, qk_dim: int, v_dim: int, rank_major: bool = False):
         super().__init__(original.embed_dim, original.num_heads, original.dropout, original.is_decoder,
                          True, original.is_causal, original.layer_idx, original.config)
-        self.qk_dim, self.v_dim = qk_dim, v_dim
+        self.qk_dim, self.v_dim, self.rank_major = qk_dim, v_dim, rank_major
         d, h = self.embed_dim, self.num_heads
         self.q_proj = nn.Linear(d, h * qk_dim, bias=True)
         self.k_proj = nn.Linear(d, h * qk_dim, bias=False)
@@ -30,8 +31,8 @@ class CloverWhisperAttention(WhisperAttention):
 
     def forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
                 output_attentions=False, **kwargs):
-        h, cross = self.num_heads, key_value_states is not None
-        q = split_ranks(self.q_proj(hidden_states) * self.scaling, h, self.qk_dim)  # (B, nh, T, qk)
+        h, rm, cross = self.num_heads, self.rank_major, key_value_states is not None
+        q = to_heads(self.q_proj(hidden_states) * self.scaling, h, self.qk_dim, rm)  # (B, nh, T, qk)
         cache, reuse = past_key_values, False
         if isinstance(cache, EncoderDecoderCache):
             reuse = cross and bool(cache.is_updated.get(self.layer_idx))
@@ -42,12 +43,12 @@ class CloverWhisperAttention(WhisperAttention):
             k, v = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
         else:
             source = key_value_states if cross else hidden_states
-            k = split_ranks(self.k_proj(source), h, self.qk_dim)  # (B, nh, S, qk)
-            v = split_ranks(self.v_proj(source), h, self.v_dim)  # (B, nh, S, v)
+            k = to_heads(self.k_proj(source), h, self.qk_dim, rm)  # (B, nh, S, qk)
+            v = to_heads(self.v_proj(source), h, self.v_dim, rm)  # (B, nh, S, v)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
         out, weights = attend(self, q, k, v, attention_mask, 1.0, self.dropout, **kwargs)  # (B, T, nh, v)
-        return self.out_proj(merge_ranks(out)), weights
+        return self.out_proj(from_heads(out, rm)), weights
 
 
 def _pruned(original: WhisperAttention, widths: dict[str, int]) -> CloverWhisperAttention:

@@ -193,6 +193,7 @@ def build(dec: Decomposition, masks: Plan, config: PruneConfig, *, share_weights
             originals = functools.partial(dec.original, name) if share_weights else None
             module = prune_module(model.get_submodule(name), md, masks[name], config.method, share=share_weights,
                                   originals=originals)
+            _adopt_config(module, model, new)
             set_submodule(new, name, module)
             ranks[name] = module.clover_ranks
     record(new, pruning_meta(model, config, ranks))
@@ -279,9 +280,17 @@ class Slider:
             original = self.dec.model.get_submodule(name)
             with no_init_weights():
                 module = md.adapter.pruned(original, {}, share=True).train(original.training)
+            _adopt_config(module, self.dec.model, self.model)
             set_submodule(self.model, name, module)
             self._modules[name] = module
         return module
+
+
+def _adopt_config(module: nn.Module, original: nn.Module, new: nn.Module) -> None:
+    """A rebuilt module that read its settings (e.g. the attention implementation) from the original
+    model's config reads them from the new model's, like every module the copy made."""
+    if getattr(module, "config", None) is getattr(original, "config", None) is not None:
+        module.config = new.config
 
 
 def pruning_meta(model: nn.Module, config: PruneConfig, ranks: dict[str, dict[str, list[int]]]) -> dict:

@@ -155,3 +155,36 @@ def test_unet_cross_attention_has_different_widths(make_unet):
     p2 = pruned.down_blocks[1].attentions[0].transformer_blocks[0].attn2
     assert p2.scale == attn2.scale  # the original softmax scale
     assert p2.to_k.out_features == p2.heads * 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unequal_widths_take_fast_exact_routes_on_cpu(make_llama, make_gpt2, arch, monkeypatch):
+    """Values narrower (Llama V-O) or wider (GPT-2 Q-K) than queries/keys: with SDPA on the CPU a prompt
+    zero-pads the narrow side and a decoding step takes eager attention; both equal the eager model."""
+    import copy
+
+    from clover_core.remote import clover_attention
+
+    model, target = (make_llama(), "vo") if arch == "llama" else (make_gpt2("3x16"), "qk")
+    pruned = cc.prune(model, ratio=0.5, target=target)
+    eager = copy.deepcopy(pruned)
+    eager.config._attn_implementation = "eager"
+    assert pruned.config._attn_implementation == "sdpa"
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row
+    calls = []
+    real = clover_attention.eager_attention
+    monkeypatch.setattr(clover_attention, "eager_attention", lambda m, q, *a, **k: calls.append(q.shape[-2]) or real(m, q, *a, **k))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids, attention_mask=mask).logits[mask.bool()],
+                                   eager(ids, attention_mask=mask).logits[mask.bool()], **FP32)
+        assert calls and set(calls) == {7}  # only the eager model's own calls: the prompt kept SDPA
+        calls.clear()
+        kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+        fast, slow = pruned.generate(ids, **kw), eager.generate(ids, **kw)
+    assert 1 in calls  # decoding steps of the SDPA model went through eager attention
+    assert torch.equal(fast.sequences, slow.sequences)
+    for a, b in zip(fast.scores, slow.scores):
+        torch.testing.assert_close(a, b, **FP32)

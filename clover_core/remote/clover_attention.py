@@ -40,29 +40,53 @@ def from_heads(out: torch.Tensor, rank_major: bool = False) -> torch.Tensor:
 def eager_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     scaling: float, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax attention. q: ``(B, nh, T, qk)``, k: ``(B, nkv, S, qk)``, v: ``(B, nkv, S, v)``
-    -> ``(B, T, nh, v)``; each KV head serves ``nh / nkv`` consecutive query heads."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, *)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (B, nh, T, S)
-    if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask[..., : k.shape[-2]], torch.finfo(scores.dtype).min)
-    elif mask is not None:
-        scores = scores + mask[..., : k.shape[-2]]
+    -> ``(B, T, nh, v)``; each KV head serves ``nh / nkv`` consecutive query heads, whose queries are
+    stacked against it (the cache is never repeated)."""
+    b, nh, t, _ = q.shape
+    nkv, s = k.shape[1], k.shape[-2]
+    groups = nh // nkv
+    scores = torch.matmul(q.reshape(b, nkv, groups * t, -1), k.transpose(-1, -2)) * scaling  # (B, nkv, g*T, S)
+    if mask is not None:
+        mask = mask[..., :s]  # (B or 1, 1 or nh, T, S)
+        if mask.shape[1] == 1 and groups > 1:
+            mask = mask.expand(mask.shape[0], groups, *mask.shape[-2:])
+        mask = mask.reshape(mask.shape[0], -1, groups * mask.shape[-2], s)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, v).transpose(1, 2), weights  # (B, T, nh, v)
+    out = torch.matmul(weights, v).reshape(b, nh, t, v.shape[-1])
+    return out.transpose(1, 2), weights.reshape(b, nh, t, s)  # (B, T, nh, v)
 
 
 def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            scaling: float, dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's configured attention implementation (SDPA by default) with an explicit ``scaling``;
-    returns ``(out, weights)`` with ``out`` shaped ``(B, T, nh, v_dim)``."""
+    returns ``(out, weights)`` with ``out`` shaped ``(B, T, nh, v_dim)``.
+
+    On the CPU, torch's fused SDPA kernel needs the value width to equal the query/key width; pruned
+    heads often differ, and SDPA's fallback (its math path, which also repeats the KV cache for every
+    query group) is 3-10x slower. So there, one new token (decoding) takes :func:`eager_attention`,
+    and a prompt zero-pads the narrower side to the wider one (exact: a zero feature adds nothing) and
+    keeps the fused kernel. Measured in ``benchmarks/decode_speed.py``.
+    """
     impl = getattr(module.config, "_attn_implementation", "eager") or "eager"
     dropout = dropout if module.training else 0.0
     if impl == "eager":
         return eager_attention(module, q, k, v, mask, scaling, dropout=dropout)
     kwargs.pop("output_attentions", None)
+    width, qk = v.shape[-1], q.shape[-1]
+    if impl == "sdpa" and q.device.type == "cpu" and width != qk:
+        if q.shape[-2] == 1:
+            return eager_attention(module, q, k, v, mask, scaling, dropout=dropout)
+        if width < qk:
+            v = nn.functional.pad(v, (0, qk - width))
+        else:
+            q, k = nn.functional.pad(q, (0, width - qk)), nn.functional.pad(k, (0, width - qk))
+        out, weights = ALL_ATTENTION_FUNCTIONS[impl](module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
+        return out[..., :width], weights
     return ALL_ATTENTION_FUNCTIONS[impl](module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -157,10 +157,12 @@ def test_unet_cross_attention_has_different_widths(make_unet):
     assert p2.to_k.out_features == p2.heads * 8
 
 
+@pytest.mark.parametrize("route", ["eager", "padded"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_unequal_widths_take_fast_exact_routes_on_cpu(make_llama, make_gpt2, arch, monkeypatch):
+def test_unequal_widths_take_fast_exact_routes_on_cpu(make_llama, make_gpt2, arch, route, monkeypatch):
     """Values narrower (Llama V-O) or wider (GPT-2 Q-K) than queries/keys: with SDPA on the CPU a prompt
-    zero-pads the narrow side and a decoding step takes eager attention; both equal the eager model."""
+    zero-pads the narrow side, and a decoding step takes eager attention once the cache is large;
+    both equal the eager model."""
     import copy
 
     from clover_core.remote import clover_attention
@@ -176,6 +178,8 @@ def test_unequal_widths_take_fast_exact_routes_on_cpu(make_llama, make_gpt2, arc
     calls = []
     real = clover_attention.eager_attention
     monkeypatch.setattr(clover_attention, "eager_attention", lambda m, q, *a, **k: calls.append(q.shape[-2]) or real(m, q, *a, **k))
+    limit = 0 if route == "eager" else 2**40  # the tiny test cache counts as large, or as small
+    monkeypatch.setattr(clover_attention, "PAD_CACHE_BYTES", limit)
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids, attention_mask=mask).logits[mask.bool()],
                                    eager(ids, attention_mask=mask).logits[mask.bool()], **FP32)
@@ -183,8 +187,9 @@ def test_unequal_widths_take_fast_exact_routes_on_cpu(make_llama, make_gpt2, arc
         calls.clear()
         kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True,
                   return_dict_in_generate=True, pad_token_id=0)
-        fast, slow = pruned.generate(ids, **kw), eager.generate(ids, **kw)
-    assert 1 in calls  # decoding steps of the SDPA model went through eager attention
+        fast = pruned.generate(ids, **kw)
+        assert (1 in calls) == (route == "eager")  # decoding steps: eager attention, or padded SDPA
+        slow = eager.generate(ids, **kw)
     assert torch.equal(fast.sequences, slow.sequences)
     for a, b in zip(fast.scores, slow.scores):
         torch.testing.assert_close(a, b, **FP32)

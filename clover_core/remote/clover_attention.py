@@ -24,6 +24,11 @@ def padded_width(ranks: list[int]) -> int:
     return max(1, max(ranks, default=0))
 
 
+# Decoding with unequal widths on the CPU: padding the narrower cache side for the fused kernel beats
+# eager attention's fixed per-op cost below about 200 KiB of that side (measured on a 2-core EPYC).
+PAD_CACHE_BYTES = 192 * 1024
+
+
 def to_heads(x: torch.Tensor, heads: int, width: int, rank_major: bool = False) -> torch.Tensor:
     """Projected features ``(B, T, heads * width)`` -> per-head ``(B, heads, T, width)``."""
     if rank_major:
@@ -45,20 +50,29 @@ def eager_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torc
     b, nh, t, _ = q.shape
     nkv, s = k.shape[1], k.shape[-2]
     groups = nh // nkv
-    scores = torch.matmul(q.reshape(b, nkv, groups * t, -1), k.transpose(-1, -2)) * scaling  # (B, nkv, g*T, S)
+    if groups > 1:
+        q = q.reshape(b, nkv, groups * t, -1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling)  # (B, nkv, g*T, S); fresh, so in place
     if mask is not None:
-        mask = mask[..., :s]  # (B or 1, 1 or nh, T, S)
-        if mask.shape[1] == 1 and groups > 1:
-            mask = mask.expand(mask.shape[0], groups, *mask.shape[-2:])
-        mask = mask.reshape(mask.shape[0], -1, groups * mask.shape[-2], s)
+        mask = mask[..., :s] if mask.shape[-1] != s else mask  # (B or 1, 1 or nh, T, S)
+        if groups > 1:
+            if mask.shape[1] == 1:
+                mask = mask.expand(mask.shape[0], groups, *mask.shape[-2:])
+            mask = mask.reshape(mask.shape[0], -1, groups * mask.shape[-2], s)
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            scores.masked_fill_(mask.logical_not(), torch.finfo(scores.dtype).min)
         else:
-            scores = scores + mask
-    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    out = torch.matmul(weights, v).reshape(b, nh, t, v.shape[-1])
-    return out.transpose(1, 2), weights.reshape(b, nh, t, s)  # (B, T, nh, v)
+            scores.add_(mask)
+    if scores.dtype == torch.float32:
+        weights = torch.softmax(scores, dim=-1)
+    else:
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout and module.training:
+        weights = nn.functional.dropout(weights, p=dropout, training=True)
+    out = torch.matmul(weights, v)
+    if groups > 1:
+        out, weights = out.reshape(b, nh, t, -1), weights.reshape(b, nh, t, s)
+    return out.transpose(1, 2), weights  # (B, T, nh, v)
 
 
 def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -68,9 +82,9 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     On the CPU, torch's fused SDPA kernel needs the value width to equal the query/key width; pruned
     heads often differ, and SDPA's fallback (its math path, which also repeats the KV cache for every
-    query group) is 3-10x slower. So there, one new token (decoding) takes :func:`eager_attention`,
-    and a prompt zero-pads the narrower side to the wider one (exact: a zero feature adds nothing) and
-    keeps the fused kernel. Measured in ``benchmarks/decode_speed.py``.
+    query group) is 3-10x slower. So there the narrower side is zero-padded to the wider one (exact: a
+    zero feature adds nothing) and the fused kernel runs, except when one new token (decoding) meets a
+    cache too large to copy cheaply: that step takes :func:`eager_attention`, which reads the cache once.
     """
     impl = getattr(module.config, "_attn_implementation", "eager") or "eager"
     dropout = dropout if module.training else 0.0
@@ -79,7 +93,8 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kwargs.pop("output_attentions", None)
     width, qk = v.shape[-1], q.shape[-1]
     if impl == "sdpa" and q.device.type == "cpu" and width != qk:
-        if q.shape[-2] == 1:
+        narrow = v if width < qk else k  # the cache side that padding would copy
+        if q.shape[-2] == 1 and narrow.numel() * narrow.element_size() > PAD_CACHE_BYTES:
             return eager_attention(module, q, k, v, mask, scaling, dropout=dropout)
         if width < qk:
             v = nn.functional.pad(v, (0, qk - width))

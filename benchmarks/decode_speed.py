@@ -78,6 +78,26 @@ def decode_rates(models: list, batch: int, prompt: int, new: int, device: torch.
     return [(prefill, batch * (new - 1) / max(many - one, 1e-9)) for prefill, one, many in best]
 
 
+def step_times(models: list, batch: int, prompt: int, device: torch.device, repeats: int) -> list[float]:
+    """Per model: the fastest single decoding step (one token for each of ``batch`` sequences, after a
+    ``prompt``-token prefill, with the real cache), the models interleaved ``repeats`` times. Less noisy
+    than the ``generate()`` difference for slow, large batches."""
+    import copy
+
+    vocab = models[0].config.vocab_size
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, vocab, (batch, prompt), generator=gen).to(device)
+    token = torch.randint(3, vocab, (batch, 1), generator=gen).to(device)
+    caches = [model(ids, use_cache=True).past_key_values for model in models]
+    best = [float("inf")] * len(models)
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            cache = copy.deepcopy(caches[i])
+            best[i] = min(best[i], timed(lambda: model(token, past_key_values=cache, use_cache=True), device,
+                                         repeats=1, warmup=0))
+    return best
+
+
 def sdpa_kernels(model: torch.nn.Module, device: torch.device, seq: int = 256) -> str:
     """Which fused CUDA attention kernels accept the first attention layer's q/k/v widths (the others
     fall back to the unfused math kernel). Pruned widths differ between q/k and v, which rules out
@@ -119,7 +139,7 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
             print(f"  {label:<28} SDPA kernels usable at prefill: {sdpa_kernels(m, device)}")
     context = min(args.long_context, model.config.max_position_embeddings - args.new_tokens) \
         if hasattr(model.config, "max_position_embeddings") else args.long_context
-    cases = [(b, args.prompt) for b in args.batches] + [(1, context)]
+    cases = [(b, args.prompt) for b in args.batches] + ([(1, context)] if args.long_context else [])
     print(f"  {'batch x context':<18}" + "".join(f"{label:>34}" for label, _ in rows))
     with torch.no_grad():
         for batch, prompt in cases:
@@ -127,6 +147,10 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
             base = results[0][1]
             cells = [f"{rate:9.1f} tok/s {rate / base:4.2f}x pf {pf * 1e3:6.0f}ms" for pf, rate in results]
             print(f"  {batch:>3} x {prompt:<12}" + "".join(f"{c:>34}" for c in cells))
+            if args.step_repeats:
+                steps = step_times([m for _, m in rows], batch, prompt, device, args.step_repeats)
+                cells = [f"step {t * 1e3:8.1f} ms {steps[0] / t:4.2f}x" for t in steps]
+                print(f"  {'':<18}" + "".join(f"{c:>34}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,9 +163,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="model dtype (bfloat16 is the usual choice on a GPU)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens for the batch sweep")
-    parser.add_argument("--long-context", type=int, default=1024, help="prompt tokens of the batch-1 long case")
+    parser.add_argument("--long-context", type=int, default=1024, help="prompt tokens of the batch-1 long case (0: skip it)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the models (best kept)")
+    parser.add_argument("--step-repeats", type=int, default=0,
+                        help="also time single decoding steps, models interleaved, best of this many")
     args = parser.parse_args(argv)
     device = setup_device(args)
     for name in args.model:

@@ -47,8 +47,8 @@ def orthogonalize(
     Returns:
         ``(a_rot, b_rot, s)``: ``a_rot = U sqrt(S)`` and ``b_rot = V sqrt(S)``, both shaped like the
         inputs (columns past ``min(m, n, k)`` are zero), and ``s`` of shape ``(G, k)``, descending.
-        ``a_rot @ b_rot.T == a @ b.T`` up to rounding; results are cast to ``a``'s dtype and stored
-        rank-major (``a_rot.permute(2, 0, 1)`` is contiguous), ``s`` is returned in ``dtype``.
+        ``a_rot @ b_rot.T == a @ b.T`` up to rounding; results are cast to ``a``'s dtype, ``s`` is
+        returned in ``dtype``.
 
     Raises:
         TypeError: non-floating factors or an unsupported compute dtype.
@@ -57,13 +57,13 @@ def orthogonalize(
     _check_factors(a, b, dtype)
     ac, bc = a.to(dtype), b.to(dtype)
     ta, tb, s, ok = _gram_rotation(ac, bc)
-    a_rot, b_rot = _rank_major(ac, ta), _rank_major(bc, tb)  # (G, m, k), (G, n, k)
+    a_rot, b_rot = ac @ ta.to(ac), bc @ tb.to(bc)  # (G, m, k), (G, n, k)
     s = s.to(device=a.device, dtype=dtype)
     if not ok.all():
         bad = (~ok).nonzero().squeeze(1).to(a.device)
         a_rot[bad], b_rot[bad], s[bad] = _householder(ac[bad], bc[bad])
         log.debug("%d of %d groups took the Householder QR route", len(bad), len(ok))
-    return _cast(a_rot, a.dtype), _cast(b_rot, b.dtype), s
+    return a_rot.to(a.dtype), b_rot.to(b.dtype), s
 
 
 def _rank_major_empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -72,22 +72,8 @@ def _rank_major_empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(k, g, rows, dtype=dtype, device=like.device).permute(1, 2, 0)
 
 
-def _rank_major(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x @ t`` written straight into rank-major storage: a pruned model's projections are rank-major,
-    so any prefix of the rotated columns is then a plain slice (no copy when re-pruning)."""
-    if torch.is_grad_enabled() and (x.requires_grad or t.requires_grad):
-        return x @ t.to(x)  # out= does not differentiate: plain storage when a caller takes gradients
-    return torch.matmul(x, t.to(x), out=_rank_major_empty(x, x.dtype))
-
-
 def _rank_major_copy(t: torch.Tensor) -> torch.Tensor:
     return _rank_major_empty(t, t.dtype).copy_(t)
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if t.dtype == dtype:
-        return t
-    return _rank_major_empty(t, dtype).copy_(t)
 
 
 def _gram_rotation(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -181,9 +167,9 @@ def _check_factors(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None
 class PairDecomposition:
     """One pair type (Q-K or V-O) of one attention module, orthogonalized.
 
-    ``a``/``b`` are the rotated factors in the model's dtype, stored rank-major (``a.permute(2, 0, 1)``
-    is contiguous, like a pruned projection), ``s`` the singular values (descending) and ``vanilla``
-    the baseline scores of the original, un-rotated columns (both float32).
+    ``a``/``b`` are the rotated factors in the model's dtype (stored rank-major, ``a.permute(2, 0, 1)``
+    contiguous, once :meth:`Decomposition.use_rank_major` ran), ``s`` the singular values (descending)
+    and ``vanilla`` the baseline scores of the original, un-rotated columns (both float32).
     """
 
     a: torch.Tensor  # (G, m, head_dim)
@@ -211,12 +197,25 @@ class Decomposition:
     model: nn.Module
     modules: dict[str, ModuleDecomposition]
     _originals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _rank_major: bool = field(default=False, repr=False)
 
     @property
     def pair_types(self) -> tuple[str, ...]:
         """The pair types present in every module (``qk`` is absent for rotary models)."""
         present = [set(m.pairs) for m in self.modules.values()]
         return tuple(p for p in PAIRS if all(p in s for s in present))
+
+    def use_rank_major(self) -> None:
+        """Store every rotated factor rank-major, like the projections of a model re-pruned in place, so
+        that keeping each head's first ``r`` directions is a slice of it (one copy, once; run by
+        :class:`~clover_core.Slider` and ``prune(..., share_weights=True)``). ``decompose`` itself
+        writes the GEMM's natural layout, the fastest."""
+        if self._rank_major:
+            return
+        for md in self.modules.values():
+            for pd in md.pairs.values():
+                pd.a, pd.b = _rank_major_copy(pd.a), _rank_major_copy(pd.b)
+        self._rank_major = True
 
     def original(self, name: str, pair: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The un-rotated factors of one pair of module ``name``, copied once into rank-major storage

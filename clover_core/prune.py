@@ -184,7 +184,8 @@ def build(dec: Decomposition, masks: Plan, config: PruneConfig, *, share_weights
     ``share_weights`` reuses the other modules' tensors instead of copying them (see :func:`prune`)."""
     model = dec.model
     memo = {id(model.get_submodule(name)): None for name in dec.modules}  # rebuilt below, never copied
-    if share_weights:  # deepcopy returns what its memo already holds: the very same tensors
+    if share_weights:
+        dec.use_rank_major()  # the kept CLOVER weights become slices of the factors  # deepcopy returns what its memo already holds: the very same tensors
         memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
     new = copy.deepcopy(model, memo)
     ranks: dict[str, dict[str, list[int]]] = {}
@@ -206,7 +207,8 @@ class Slider:
 
     Every call returns the SAME model object, re-pointed to the new ranks: no SVD, no copy of the
     model and, for CLOVER at a uniform ratio, no copy of any weight. The slider's attention modules
-    lay their projections out rank-major, as the decomposition stores its rotated factors, so keeping
+    lay their projections out rank-major, as the decomposition then stores its rotated factors
+    (:meth:`~clover_core.Decomposition.use_rank_major`, once), so keeping
     each head's best ``r`` directions is a slice of them (a view); ragged per-head ranks (``global`` and
     ``threshold`` modes) copy the kept columns once, zero-padded, like :func:`prune`. Weights outside the
     attention modules are the original model's; pairs left whole (and vanilla's original columns) come
@@ -228,6 +230,7 @@ class Slider:
         if not isinstance(dec, Decomposition):
             raise TypeError(f"Slider needs a Decomposition (cc.decompose(model)), got {type(dec).__name__}")
         PruneConfig(ratio=0.0, method=method)  # validates the method
+        dec.use_rank_major()
         self.dec, self.method = dec, method
         model = dec.model
         memo = {id(model.get_submodule(name)): None for name in dec.modules}  # filled in on first use

@@ -117,3 +117,15 @@ def test_slider_rejects_bad_input(make_gpt2, make_llama):
         slider(1.5)
     with pytest.raises(ValueError, match="use target='vo'"):
         cc.Slider(cc.decompose(make_llama()))(0.5, target="qk")
+
+
+def test_rank_major_storage_keeps_the_values_and_is_made_once(make_gpt2):
+    dec = cc.decompose(make_gpt2("3x16"))
+    pd = next(iter(dec.modules.values())).pairs["qk"]
+    before = pd.a.clone()
+    assert pd.a.is_contiguous()  # decompose writes the GEMM's own layout
+    dec.use_rank_major()
+    assert torch.equal(pd.a, before) and pd.a.permute(2, 0, 1).is_contiguous()
+    a = pd.a
+    cc.Slider(dec)
+    assert pd.a is a  # already converted: no second copy

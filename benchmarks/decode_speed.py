@@ -13,6 +13,7 @@ the time of ``generate(N)`` minus ``generate(1)`` (which is the prefill plus one
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -82,8 +83,6 @@ def step_times(models: list, batch: int, prompt: int, device: torch.device, repe
     """Per model: the fastest single decoding step (one token for each of ``batch`` sequences, after a
     ``prompt``-token prefill, with the real cache), the models interleaved ``repeats`` times. Less noisy
     than the ``generate()`` difference for slow, large batches."""
-    import copy
-
     vocab = models[0].config.vocab_size
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, vocab, (batch, prompt), generator=gen).to(device)

@@ -29,7 +29,7 @@ from transformers.initialization import no_init_weights
 from .adapters import adapter_for, is_rank_major
 from .attention import padded_width
 from .model_card import CARD, model_card
-from .prune import FORMAT, attach_ranks, pruning_record, record, set_submodule
+from .prune import FORMAT, attach_ranks, build_module, pruning_record, record, set_submodule
 from .remote import base_class, export_code
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,10 @@ def _head_major(model: nn.Module):
     swapped = []
     try:
         for name, module in [(n, m) for n, m in model.named_modules() if is_rank_major(m)]:
-            adapter, ranks = adapter_for(module), module.clover_ranks
-            with torch.no_grad(), no_init_weights():
-                saved = adapter.pruned(module, {p: padded_width(r) for p, r in ranks.items()})
-                adapter.load_factors(saved, adapter.factors(module))
-            attach_ranks(saved, adapter, ranks)
-            set_submodule(model, name, saved.train(module.training))
+            adapter = adapter_for(module)
+            with torch.no_grad():
+                saved = build_module(module, adapter, adapter.factors(module), module.clover_ranks)
+            set_submodule(model, name, saved)
             swapped.append((name, module))
         yield
     finally:

@@ -183,11 +183,9 @@ def build(dec: Decomposition, masks: Plan, config: PruneConfig, *, share_weights
     """Copy ``dec.model`` with every attention module rebuilt to keep only the directions in ``masks``;
     ``share_weights`` reuses the other modules' tensors instead of copying them (see :func:`prune`)."""
     model = dec.model
-    memo = {id(model.get_submodule(name)): None for name in dec.modules}  # rebuilt below, never copied
     if share_weights:
-        dec.use_rank_major()  # the kept CLOVER weights become slices of the factors  # deepcopy returns what its memo already holds: the very same tensors
-        memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
-    new = copy.deepcopy(model, memo)
+        dec.use_rank_major()  # the kept CLOVER weights become slices of the factors
+    new = _copy_outside_attention(dec, share=share_weights)
     ranks: dict[str, dict[str, list[int]]] = {}
     with torch.no_grad():
         for name, md in dec.modules.items():
@@ -200,6 +198,16 @@ def build(dec: Decomposition, masks: Plan, config: PruneConfig, *, share_weights
     record(new, pruning_meta(model, config, ranks))
     log.info("pruned %d attention modules (%s, %s, %s)", len(ranks), config.method, config.mode, config.target)
     return new
+
+
+def _copy_outside_attention(dec: Decomposition, *, share: bool) -> nn.Module:
+    """A copy of ``dec.model`` without its attention modules (the caller puts pruned ones in their place);
+    ``share`` reuses every parameter and buffer instead of copying it."""
+    model = dec.model
+    memo = {id(model.get_submodule(name)): None for name in dec.modules}
+    if share:  # deepcopy returns what its memo already holds: the very same tensors
+        memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+    return copy.deepcopy(model, memo)
 
 
 class Slider:
@@ -232,12 +240,9 @@ class Slider:
         PruneConfig(ratio=0.0, method=method)  # validates the method
         dec.use_rank_major()
         self.dec, self.method = dec, method
-        model = dec.model
-        memo = {id(model.get_submodule(name)): None for name in dec.modules}  # filled in on first use
-        memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
-        self.model = copy.deepcopy(model, memo)
+        self.model = _copy_outside_attention(dec, share=True)  # attention modules built on first use
         self._modules: dict[str, nn.Module] = {}
-        self._origin = origin(model, pruning_record(model))
+        self._base = origin(dec.model, pruning_record(dec.model))
 
     def __call__(self, ratio: float | None = None, target: Target = "qk", mode: Mode = "uniform",
                  threshold: float | None = None) -> nn.Module:
@@ -249,32 +254,16 @@ class Slider:
         if ratio is None and mode != "threshold":
             ratio = 0.0
         config = PruneConfig(ratio=ratio, target=target, method=self.method, mode=mode, threshold=threshold)
-        check_pairs(self.dec, config)
-        masks = plan(self.dec, config) if self.method != "clover" or mode != "uniform" else None
+        masks = _first_r(self.dec, config) if self.method == "clover" and mode == "uniform" else plan(self.dec, config)
         ranks: dict[str, dict[str, list[int]]] = {}
         with torch.no_grad():
             for name, md in self.dec.modules.items():
-                module, selected, ranks[name] = self._module(name, md), {}, {}
-                for pair, pd in md.pairs.items():
-                    if masks is None and pair in config.pairs:  # CLOVER, uniform: every head keeps its first r
-                        groups, k = pd.s.shape
-                        r = round(k * (1 - config.ratio))  # as plan() does
-                        selected[pair] = (pd.a[..., :r], pd.b[..., :r]) if r else select_columns(
-                            pd.a, pd.b, pd.s, torch.zeros_like(pd.s, dtype=torch.bool))
-                        ranks[name][pair] = [r] * groups
-                        continue
-                    kept = None if masks is None else masks[name].get(pair)
-                    if kept is not None and self.method == "clover":
-                        selected[pair] = select_columns(pd.a, pd.b, pd.s, kept)
-                    else:  # vanilla, or a pair left whole: the original columns
-                        a, b = self.dec.original(name, pair)
-                        kept = torch.ones_like(pd.vanilla, dtype=torch.bool) if kept is None else kept
-                        selected[pair] = select_columns(a, b, pd.vanilla, kept)
-                    ranks[name][pair] = kept.sum(dim=1).tolist()
+                selected, ranks[name] = select_pairs(md, masks[name], self.method,
+                                                     functools.partial(self.dec.original, name))
+                module = self._module(name, md)
                 md.adapter.load_factors(module, selected, share=True)
                 attach_ranks(module, md.adapter, ranks[name])
-        record(self.model, {"format": FORMAT, "method": config.method, "mode": config.mode, "target": config.target,
-                            "ratio": config.ratio, "threshold": config.threshold, "ranks": ranks, **self._origin})
+        record(self.model, pruning_meta(self.dec.model, config, ranks, base=self._base))
         return self.model
 
     def _module(self, name: str, md: ModuleDecomposition) -> nn.Module:
@@ -296,12 +285,13 @@ def _adopt_config(module: nn.Module, original: nn.Module, new: nn.Module) -> Non
         module.config = new.config
 
 
-def pruning_meta(model: nn.Module, config: PruneConfig, ranks: dict[str, dict[str, list[int]]]) -> dict:
+def pruning_meta(model: nn.Module, config: PruneConfig, ranks: dict[str, dict[str, list[int]]], *,
+                 base: dict | None = None) -> dict:
     """The ``clover`` record of ``model`` pruned by ``config`` to ``ranks``, with the base model and
-    its sizes before pruning (for the model card)."""
+    its sizes before pruning (for the model card; ``base`` when already computed for ``model``)."""
+    base = origin(model, pruning_record(model)) if base is None else base
     return {"format": FORMAT, "method": config.method, "mode": config.mode, "target": config.target,
-            "ratio": config.ratio, "threshold": config.threshold, "ranks": ranks,
-            **origin(model, pruning_record(model))}
+            "ratio": config.ratio, "threshold": config.threshold, "ranks": ranks, **base}
 
 
 def prune_module(original: nn.Module, md: ModuleDecomposition, masks: dict[str, torch.Tensor],
@@ -320,23 +310,65 @@ def prune_module(original: nn.Module, md: ModuleDecomposition, masks: dict[str, 
     Returns:
         The new module, with ``clover_ranks`` and the sizes they imply attached.
     """
-    adapter, found = md.adapter, None
+    if originals is None:
+        factors = functools.cache(lambda: md.adapter.factors(original))  # read once, only if needed
+        originals = lambda pair: factors()[pair]  # noqa: E731
+    selected, ranks = select_pairs(md, masks, method, originals)
+    return build_module(original, md.adapter, selected, ranks, share=share)
+
+
+Selection = int | torch.Tensor  # a kept mask (G, head_dim), or r: every head keeps its first r directions
+
+
+def select_pairs(md: ModuleDecomposition, masks: dict[str, Selection], method: str,
+                 originals: Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[int]]]:
+    """The kept, zero-padded columns of every pair of one module, and each head's rank (no SVD).
+
+    Args:
+        md: the module's decomposition.
+        masks: ``{pair: selection}`` for the pruned pairs; the others are kept whole. An integer ``r``
+            (CLOVER at a uniform ratio) keeps every head's first ``r`` rotated columns: a slice.
+        method: ``"clover"`` (rotated factors) or ``"vanilla"`` (original columns).
+        originals: ``pair -> (a, b)``, the original factors (vanilla, and pairs kept whole).
+
+    Returns:
+        ``({pair: (a_kept, b_kept)}, {pair: ranks})``.
+    """
     selected, ranks = {}, {}
     for pair, pd in md.pairs.items():
-        if pair in masks and method == "clover":
-            a, b, score, kept = pd.a, pd.b, pd.s, masks[pair]
-        else:  # vanilla, or a pair left alone: the original columns
-            if originals is None:
-                found = found or adapter.factors(original)
-            a, b = originals(pair) if originals is not None else found[pair]
-            score, kept = pd.vanilla, masks.get(pair, torch.ones_like(pd.vanilla, dtype=torch.bool))
-        selected[pair] = select_columns(a, b, score, kept)
-        ranks[pair] = kept.sum(dim=1).tolist()
+        kept = masks.get(pair)
+        if isinstance(kept, int) and kept > 0:
+            selected[pair], ranks[pair] = (pd.a[..., :kept], pd.b[..., :kept]), [kept] * pd.s.shape[0]
+            continue
+        if isinstance(kept, int):  # r = 0: nothing kept
+            kept = torch.zeros_like(pd.s, dtype=torch.bool)
+        if kept is not None and method == "clover":
+            a, b, score = pd.a, pd.b, pd.s
+        else:  # vanilla, or a pair left whole: the original columns
+            (a, b), score = originals(pair), pd.vanilla
+            kept = torch.ones_like(pd.vanilla, dtype=torch.bool) if kept is None else kept
+        selected[pair], ranks[pair] = select_columns(a, b, score, kept), kept.sum(dim=1).tolist()
+    return selected, ranks
+
+
+def _first_r(dec: Decomposition, config: PruneConfig) -> dict[str, dict[str, Selection]]:
+    """:func:`plan` for CLOVER at a uniform ratio, without masks: the sorted spectra make every head's
+    top ``r`` its first ``r`` columns (the same ``r`` as ``plan``)."""
+    check_pairs(dec, config)
+    return {name: {pair: round(md.pairs[pair].s.shape[1] * (1 - config.ratio)) for pair in config.pairs}
+            for name, md in dec.modules.items()}
+
+
+def build_module(template: nn.Module, adapter: Adapter, selected: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 ranks: dict[str, list[int]], *, share: bool = False) -> nn.Module:
+    """A pruned module like ``template`` holding the ``selected`` factors, with ``ranks`` attached;
+    ``share`` builds the rank-major layout, whose weights are views of the factors (see :func:`prune`)."""
     with no_init_weights():  # every weight is written by load_factors: skip the random initialization
-        module = adapter.pruned(original, {p: padded_width(r) for p, r in ranks.items()}, share=share)
+        module = adapter.pruned(template, {p: padded_width(r) for p, r in ranks.items()}, share=share)
     adapter.load_factors(module, selected, share=share)
     attach_ranks(module, adapter, ranks)
-    return module.train(original.training)
+    return module.train(template.training)
 
 
 def select_columns(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor,

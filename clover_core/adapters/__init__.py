@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, Factors
+from .base import Adapter, Factors, is_rank_major
 from .diffusers_unet import Attention as DiffusersAttention
 from .diffusers_unet import DiffusersAttentionAdapter
 from .gpt2 import GPT2Adapter, GPT2Attention
@@ -43,11 +43,6 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:
             f"{type(model).__name__} has no supported attention module; supported classes: {supported}"
         )
     return found
-
-
-def is_rank_major(module: nn.Module) -> bool:
-    """Whether a pruned attention module uses the rank-major layout of a model re-pruned in place."""
-    return bool(getattr(module, "rank_major", False) or getattr(getattr(module, "processor", None), "rank_major", False))
 
 
 __all__ = ["ADAPTERS", "Adapter", "Factors", "adapter_for", "attention_modules", "is_rank_major"]

@@ -97,6 +97,31 @@ def output_projection(factor: torch.Tensor, *, rank_major: bool, share: bool = F
     return _owned(weight, factor, share)
 
 
+def load_input(proj: nn.Module, factor: torch.Tensor, *, rank_major: bool, share: bool, x_at_w: bool = False) -> None:
+    """Give an input projection (``nn.Linear``, or GPT-2's ``Conv1D`` with ``x_at_w``) the weight and bias
+    that make ``factor`` (see :func:`input_projection`), and the output width they imply. A projection
+    without a bias (Whisper's ``k_proj``) keeps none: its factor's bias row is zero."""
+    weight, bias = input_projection(factor, rank_major=rank_major, share=share, x_at_w=x_at_w)
+    assign(proj, "weight", weight, share=share)
+    if proj.bias is not None:
+        assign(proj, "bias", bias, share=share)
+    set_attributes(proj, **{"nf" if x_at_w else "out_features": bias.shape[0]})
+
+
+def load_output(proj: nn.Module, factor: torch.Tensor, *, rank_major: bool, share: bool, x_at_w: bool = False) -> None:
+    """Give an output projection the weight that makes ``factor`` (see :func:`output_projection`); its
+    bias is not pruned."""
+    weight = output_projection(factor, rank_major=rank_major, share=share, x_at_w=x_at_w)
+    assign(proj, "weight", weight, share=share)
+    if not x_at_w:
+        set_attributes(proj, in_features=weight.shape[1])
+
+
+def is_rank_major(module: nn.Module) -> bool:
+    """Whether a pruned attention module uses the rank-major layout of a model re-pruned in place."""
+    return bool(getattr(module, "rank_major", False) or getattr(getattr(module, "processor", None), "rank_major", False))
+
+
 def _owned(t: torch.Tensor, source: torch.Tensor, share: bool) -> torch.Tensor:
     if share:
         return t

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..remote.modeling_clover_unet import CloverAttnProcessor, shrink
-from .base import Factors, assign, input_projection, output_projection, set_attributes, split_heads, split_output
+from .base import Factors, is_rank_major, load_input, load_output, set_attributes, split_heads, split_output
 
 
 class DiffusersAttentionAdapter:
@@ -19,7 +18,7 @@ class DiffusersAttentionAdapter:
 
     def factors(self, module: Attention) -> dict[str, Factors]:
         _check_plain(module)
-        h, rm = module.heads, getattr(module.processor, "rank_major", False)  # re-pruned in place: rank-major
+        h, rm = module.heads, is_rank_major(module)  # re-pruned in place: rank-major
         q, k, v, o = module.to_q, module.to_k, module.to_v, module.to_out[0]
         return {
             "qk": (split_heads(q.weight.T, q.bias, h, rank_major=rm), split_heads(k.weight.T, k.bias, h, rank_major=rm)),
@@ -40,14 +39,8 @@ class DiffusersAttentionAdapter:
     def load_factors(self, module: Attention, factors: dict[str, Factors], *, share: bool = False) -> None:
         (qa, kb), (va, ob), rm = factors["qk"], factors["vo"], module.processor.rank_major
         for linear, factor in ((module.to_q, qa), (module.to_k, kb), (module.to_v, va)):
-            weight, bias = input_projection(factor, rank_major=rm, share=share)
-            assign(linear, "weight", weight, share=share)
-            if linear.bias is not None:
-                assign(linear, "bias", bias, share=share)
-            set_attributes(linear, out_features=weight.shape[0])
-        out = module.to_out[0]
-        assign(out, "weight", output_projection(ob, rank_major=rm, share=share), share=share)
-        set_attributes(out, in_features=out.weight.shape[1])
+            load_input(linear, factor, rank_major=rm, share=share)
+        load_output(module.to_out[0], ob, rank_major=rm, share=share)
         set_attributes(module.processor, qk_dim=qa.shape[-1], v_dim=va.shape[-1])
 
     def params_per_direction(self, module: Attention) -> dict[str, int]:

@@ -11,7 +11,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from ..attention import padded_width
 from ..remote.modeling_clover_gpt2 import CloverGPT2Attention
-from .base import Factors, assign, input_projection, output_projection, set_attributes, split_heads, split_output
+from .base import Factors, assign, input_projection, is_rank_major, load_input, load_output, set_attributes, split_heads, split_output
 
 
 class GPT2Adapter:
@@ -19,7 +19,7 @@ class GPT2Adapter:
 
     def factors(self, module: GPT2Attention) -> dict[str, Factors]:
         h = module.num_heads
-        if getattr(module, "rank_major", False):  # re-pruned in place: separate, rank-major projections
+        if is_rank_major(module):  # re-pruned in place: separate, rank-major projections
             q, k, v, o = module.q_proj, module.k_proj, module.v_proj, module.c_proj
             return {
                 "qk": (split_heads(q.weight, q.bias, h, rank_major=True), split_heads(k.weight, k.bias, h, rank_major=True)),
@@ -45,20 +45,16 @@ class GPT2Adapter:
         return new.to(device=weight.device, dtype=weight.dtype)
 
     def load_factors(self, module: CloverGPT2Attention, factors: dict[str, Factors], *, share: bool = False) -> None:
-        (qa, kb), (va, ob) = factors["qk"], factors["vo"]
-        rm = module.rank_major
-        fused = not rm  # head-major: one c_attn, whose concatenation copies anyway
-        projected = [input_projection(f, rank_major=rm, share=share or fused, x_at_w=True) for f in (qa, kb, va)]
+        (qa, kb), (va, ob), rm = factors["qk"], factors["vo"], module.rank_major
         if rm:
-            for proj, (weight, bias) in zip((module.q_proj, module.k_proj, module.v_proj), projected):
-                assign(proj, "weight", weight, share=share)
-                assign(proj, "bias", bias, share=share)
-                set_attributes(proj, nf=bias.shape[0])
-        else:
-            assign(module.c_attn, "weight", torch.cat([w for w, _ in projected], dim=1), share=False)
-            assign(module.c_attn, "bias", torch.cat([b for _, b in projected]), share=False)
+            for proj, factor in ((module.q_proj, qa), (module.k_proj, kb), (module.v_proj, va)):
+                load_input(proj, factor, rank_major=True, share=share, x_at_w=True)
+        else:  # one fused c_attn: its concatenation copies, so the pieces may be views
+            pieces = [input_projection(f, rank_major=False, share=True, x_at_w=True) for f in (qa, kb, va)]
+            assign(module.c_attn, "weight", torch.cat([w for w, _ in pieces], dim=1), share=False)
+            assign(module.c_attn, "bias", torch.cat([b for _, b in pieces]), share=False)
             set_attributes(module.c_attn, nf=module.c_attn.bias.shape[0])
-        assign(module.c_proj, "weight", output_projection(ob, rank_major=rm, share=share, x_at_w=True), share=share)
+        load_output(module.c_proj, ob, rank_major=rm, share=share, x_at_w=True)
         set_attributes(module, qk_dim=qa.shape[-1], v_dim=va.shape[-1])
 
     def params_per_direction(self, module: nn.Module) -> dict[str, int]:

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from ..attention import padded_width
 from ..remote.modeling_clover_llama import CloverLlamaAttention
-from .base import Factors, assign, input_projection, output_projection, set_attributes, split_heads, split_output
+from .base import Factors, is_rank_major, load_input, load_output, set_attributes, split_heads, split_output
 
 
 class LlamaAdapter:
     """Adapter for :class:`LlamaAttention`: V-O only, grouped basis for shared KV heads."""
 
     def factors(self, module: LlamaAttention) -> dict[str, Factors]:
-        cfg, rm = module.config, getattr(module, "rank_major", False)  # re-pruned in place: rank-major
+        cfg, rm = module.config, is_rank_major(module)  # re-pruned in place: rank-major
         kv, g = cfg.num_key_value_heads, module.num_key_value_groups
         v, o = module.v_proj, module.o_proj
         a = split_heads(v.weight.T, v.bias, kv, rank_major=rm)  # (kv, d+1, hd)
@@ -44,14 +43,9 @@ class LlamaAdapter:
     def load_factors(self, module: CloverLlamaAttention, factors: dict[str, Factors], *, share: bool = False) -> None:
         a, b = factors["vo"]
         g, w, rm = module.num_key_value_groups, a.shape[-1], module.rank_major
-        weight, bias = input_projection(a, rank_major=rm, share=share)
-        assign(module.v_proj, "weight", weight, share=share)
-        if module.v_proj.bias is not None:
-            assign(module.v_proj, "bias", bias, share=share)
+        load_input(module.v_proj, a, rank_major=rm, share=share)
         heads = b.reshape(b.shape[0] * g, b.shape[1] // g, w)  # (heads, d, v)
-        assign(module.o_proj, "weight", output_projection(heads, rank_major=rm, share=share), share=share)
-        set_attributes(module.v_proj, out_features=weight.shape[0])
-        set_attributes(module.o_proj, in_features=module.o_proj.weight.shape[1])
+        load_output(module.o_proj, heads, rank_major=rm, share=share)
         set_attributes(module, v_dim=w)
 
     def params_per_direction(self, module: nn.Module) -> dict[str, int]:

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperAttention
 
 from ..attention import padded_width
 from ..remote.modeling_clover_whisper import CloverWhisperAttention
-from .base import Factors, assign, input_projection, output_projection, set_attributes, split_heads, split_output
+from .base import Factors, is_rank_major, load_input, load_output, set_attributes, split_heads, split_output
 
 
 class WhisperAdapter:
     """Adapter for :class:`WhisperAttention` (self- and cross-attention)."""
 
     def factors(self, module: WhisperAttention) -> dict[str, Factors]:
-        h, rm = module.num_heads, getattr(module, "rank_major", False)  # re-pruned in place: rank-major
+        h, rm = module.num_heads, is_rank_major(module)  # re-pruned in place: rank-major
         q, k, v, o = module.q_proj, module.k_proj, module.v_proj, module.out_proj
         return {
             "qk": (split_heads(q.weight.T, q.bias, h, rank_major=rm), split_heads(k.weight.T, k.bias, h, rank_major=rm)),
@@ -35,13 +34,8 @@ class WhisperAdapter:
     def load_factors(self, module: CloverWhisperAttention, factors: dict[str, Factors], *, share: bool = False) -> None:
         (qa, kb), (va, ob), rm = factors["qk"], factors["vo"], module.rank_major
         for proj, factor in ((module.q_proj, qa), (module.k_proj, kb), (module.v_proj, va)):
-            weight, bias = input_projection(factor, rank_major=rm, share=share)
-            assign(proj, "weight", weight, share=share)
-            if proj.bias is not None:  # k_proj has none: its bias row is zero
-                assign(proj, "bias", bias, share=share)
-            set_attributes(proj, out_features=weight.shape[0])
-        assign(module.out_proj, "weight", output_projection(ob, rank_major=rm, share=share), share=share)
-        set_attributes(module.out_proj, in_features=module.out_proj.weight.shape[1])
+            load_input(proj, factor, rank_major=rm, share=share)  # k_proj has no bias: its row is zero
+        load_output(module.out_proj, ob, rank_major=rm, share=share)
         set_attributes(module, qk_dim=qa.shape[-1], v_dim=va.shape[-1])
 
     def params_per_direction(self, module: nn.Module) -> dict[str, int]:

@@ -2,10 +2,10 @@
 
 A head's Q-K pair (or V-O pair) is a factorization ``A @ B.T`` of a large matrix with only
 ``head_dim`` inner directions. We rewrite it as ``A' @ B'.T`` with orthogonal columns ordered by
-singular value, without ever forming the product: triangular factors of each factor (from its Gram
-matrix), then an SVD of the small ``head_dim x head_dim`` core, batched over heads. The cost is two
-GEMM passes over the attention weights; see ``benchmarks/decompose_speed.py``.
-"""
+singular value, without ever forming the product: the Cholesky factor ``R_a`` of ``A``'s Gram
+matrix, then the symmetric eigenproblem of the small ``head_dim x head_dim`` matrix
+``R_a (B^T B) R_a^T``, batched over heads. The cost is two GEMM passes over the attention weights;
+see ``benchmarks/decompose_speed.py``."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 PAIRS = ("qk", "vo")
 
 
-# Orthogonality a Gram-route group may lose, at most: u * ||R^-1||_F^2 (R the Cholesky factor of the
-# column-scaled Gram matrix) bounds it; groups above this go through Householder QR instead.
+# Orthogonality a Gram-route group may lose, at most: u * ||R^-1||_F^2 (R the Cholesky factor of a
+# factor's column-scaled Gram matrix) bounds it; groups above this go through Householder QR instead.
 GRAM_TOLERANCE = 2e-4
 
 
@@ -32,12 +32,13 @@ def orthogonalize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rewrite batched factor pairs in their singular-vector basis.
 
-    Two GEMM passes over the factors: their ``k x k`` Gram matrices give the triangular factors
-    ``R`` of ``A = Q_a R_a`` (Cholesky, float64), the SVD of the small core ``R_a R_b^T`` gives the
-    rotation, and one multiplication ``A' = A @ T_a`` applies it. ``Q`` is never formed, and all the
-    small ``k x k`` algebra runs in float64 on the CPU (LAPACK), wherever the factors live. Groups whose
-    factors are rank-deficient or too ill-conditioned for the Gram route (see ``GRAM_TOLERANCE``) fall
-    back to Householder QR, so every input gets an exact answer.
+    Two GEMM passes over the factors: their ``k x k`` Gram matrices give the triangular factor
+    ``R_a`` of ``A = Q_a R_a`` (Cholesky, float64) and, through the eigenproblem of
+    ``R_a B^T B R_a^T``, the rotations; one multiplication per factor (``A' = A @ T_a``) applies them.
+    ``Q_a`` is never formed, and all the small ``k x k`` algebra runs in float64 on the CPU (LAPACK),
+    wherever the factors live. Groups whose factors are rank-deficient or too ill-conditioned for the
+    Gram route (see ``GRAM_TOLERANCE``) fall back to Householder QR, so every input gets an exact
+    answer.
 
     Args:
         a: ``(G, m, k)`` left factors (one per head or KV group).
@@ -79,47 +80,57 @@ def _rank_major_copy(t: torch.Tensor) -> torch.Tensor:
 def _gram_rotation(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The ``k x k`` transforms ``T_a, T_b`` with ``A T_a = U sqrt(S)``, ``B T_b = V sqrt(S)``.
 
+    With ``A = Q_a R_a`` (``R_a`` from the Cholesky factor of ``A^T A``), the product is
+    ``Q_a (R_a B^T)``, and ``M = R_a (B^T B) R_a^T = U S^2 U^T`` gives both sides:
+    ``T_a = R_a^-1 U S^1/2`` and ``T_b = R_a^T U S^-1/2`` (then ``T_a T_b^T = I``, so the product is
+    kept exactly whatever the rounding in ``U``). ``B`` needs no factorization of its own.
+
     Returns ``(T_a, T_b, s, ok)`` in float64 on the CPU; ``ok[g]`` is False where group g needs QR.
     """
-    u = torch.finfo(a.dtype).eps / 2  # unit roundoff of the Gram GEMMs
-    ra, ra_inv, ok_a = _scaled_cholesky((a.mT @ a).to("cpu", torch.float64), u)  # (G, k, k) each
-    rb, rb_inv, ok_b = _scaled_cholesky((b.mT @ b).to("cpu", torch.float64), u)
-    uc, s, vc = _core_svd(ra @ rb.mT)  # core (G, k, k): A B^T = Q_a (R_a R_b^T) Q_b^T
+    gram_a, gram_b = _gram(a), _gram(b)  # (G, k, k) float64 on the CPU
+    ra, info = torch.linalg.cholesky_ex(gram_a, upper=True)
+    ok = info == 0
+    if not ok.all():  # failed groups: any finite stand-in, QR redoes them
+        ra = torch.where(ok[:, None, None], ra, torch.eye(ra.shape[-1], dtype=ra.dtype))
+    lam, u = torch.linalg.eigh(ra @ gram_b @ ra.mT)  # ascending
+    lam, u = lam.flip(-1).clamp_min(0), u.flip(-1)
+    ok &= lam[:, -1] > 1e-10 * lam[:, 0]  # a (nearly) rank-deficient product: QR
+    lam = torch.where(ok[:, None], lam, 1.0)
+    s = lam.sqrt()
+    ra_inv_u = torch.linalg.solve_triangular(ra, u, upper=True)  # R_a^-1 U: A's orthonormal columns
+    ra_t_u = ra.mT @ u  # R_a^T U = B's orthonormal columns * S
+    ok &= _gram_route_accurate(ra_inv_u.square().sum(-1), gram_a, a.dtype)
+    ok &= _gram_route_accurate((ra_t_u.square() @ lam.reciprocal().unsqueeze(-1)).squeeze(-1), gram_b, b.dtype)
     root = s.sqrt().unsqueeze(1)  # (G, 1, k)
-    return ra_inv @ uc * root, rb_inv @ vc * root, s, ok_a & ok_b
+    return ra_inv_u * root, ra_t_u / root, s, ok
 
 
-def _core_svd(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(U, s, V)`` of float64 ``k x k`` cores, descending, via the symmetric eigenproblem of
-    ``core @ core.T`` (about twice as fast as an SVD for 64 x 64). Its singular values carry a
-    relative error of ``eps64 * (s_max / s_i)^2``; cores with ``s_min < 1e-5 s_max`` use the SVD."""
-    lam, u = torch.linalg.eigh(core @ core.mT)  # ascending
-    s, u = lam.flip(-1).clamp_min(0).sqrt(), u.flip(-1)
-    fine = s[:, -1] > 1e-5 * s[:, 0]
-    v = core.mT @ u / torch.where(fine[:, None], s, 1.0).unsqueeze(1)  # V = core^T U S^-1
-    if not fine.all():
-        idx = (~fine).nonzero().squeeze(1)
-        u[idx], s[idx], vh = torch.linalg.svd(core[idx])
-        v[idx] = vh.mT
-    return u, s, v
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` in float64 on the CPU for ``(G, m, k)`` factors: the right half of the columns in one
+    GEMM, the leading block in another (3/4 of a full product's work), mirrored."""
+    g, _, k = x.shape
+    h = k // 2
+    right = x.mT @ x[..., h:]  # (G, k, k - h): every column against the right half
+    gram = torch.empty(g, k, k, dtype=torch.float64)
+    gram[..., h:] = right
+    gram[..., h:, :h] = right[..., :h, :].mT
+    gram[..., :h, :h] = x[..., :h].mT @ x[..., :h]
+    return gram
 
 
-def _scaled_cholesky(gram: torch.Tensor, u: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``R`` with ``R^T R = gram``, its inverse, and whether the Gram route is accurate for each group.
+def _gram_route_accurate(row_norms2: torch.Tensor, gram: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whether the columns ``X T`` stay orthogonal through the rounding of ``gram = X^T X``.
 
-    The Cholesky runs on the column-scaled Gram (unit diagonal), so the error bound depends on the
-    conditioning of the columns' directions, not their norms. Failed groups get the identity.
+    ``row_norms2`` holds the squared row norms of the ``T`` that makes ``X``'s columns orthonormal
+    (``R^-1 U``, with ``R^T R = gram``). With ``D`` the column norms of ``X``, the loss is at most
+    ``u * ||D R^-1||_F^2 = u * sum_i D_i^2 row_norms2_i``: ``||R^-1||_F^2`` of the column-scaled Gram's
+    Cholesky factor, which depends on how independent the columns' directions are, not on their
+    norms (``u``: the unit roundoff of the Gram GEMM). Groups above ``GRAM_TOLERANCE`` (or with a zero
+    column) need QR.
     """
-    norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()  # (G, k) column norms
-    ok = (norms > 0).all(dim=-1)
-    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-    r, info = torch.linalg.cholesky_ex(gram / norms[:, :, None] / norms[:, None, :], upper=True)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype).expand_as(gram)
-    ok &= info == 0
-    r = torch.where(ok[:, None, None], r, eye)
-    r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
-    ok &= u * r_inv.pow(2).sum(dim=(-2, -1)) <= GRAM_TOLERANCE
-    return r * norms[:, None, :], r_inv / norms[:, :, None], ok
+    norms2 = gram.diagonal(dim1=-2, dim2=-1)  # (G, k)
+    loss = torch.finfo(dtype).eps / 2 * (norms2 * row_norms2).sum(-1)
+    return (norms2 > 0).all(dim=-1) & (loss <= GRAM_TOLERANCE)  # NaN loss compares False
 
 
 def _householder(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -208,7 +208,7 @@ class Decomposition:
     model: nn.Module
     modules: dict[str, ModuleDecomposition]
     _originals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _rank_major: bool = field(default=False, repr=False)
+    _stacks: list[FactorStack] | None = field(default=None, repr=False)  # set by use_rank_major
 
     @property
     def pair_types(self) -> tuple[str, ...]:
@@ -219,14 +219,23 @@ class Decomposition:
     def use_rank_major(self) -> None:
         """Store every rotated factor rank-major, like the projections of a model re-pruned in place, so
         that keeping each head's first ``r`` directions is a slice of it (one copy, once; run by
-        :class:`~clover_core.Slider` and ``prune(..., share_weights=True)``). ``decompose`` itself
-        writes the GEMM's natural layout, the fastest."""
-        if self._rank_major:
+        :class:`~clover_core.Slider` and ``prune(..., share_weights=True)``). The factors of modules
+        with equal shapes share one stacked tensor (see :meth:`stacks`). ``decompose`` itself writes
+        the GEMM's natural layout, the fastest."""
+        if self._stacks is not None:
             return
-        for md in self.modules.values():
-            for pd in md.pairs.values():
-                pd.a, pd.b = _rank_major_copy(pd.a), _rank_major_copy(pd.b)
-        self._rank_major = True
+        groups: dict[tuple, list[tuple[str, PairDecomposition]]] = {}
+        for name, md in self.modules.items():
+            for pair, pd in md.pairs.items():
+                key = (pair, pd.a.shape, pd.b.shape, pd.a.dtype, pd.a.device)
+                groups.setdefault(key, []).append((name, pd))
+        self._stacks = [FactorStack.of(key[0], members) for key, members in groups.items()]
+
+    @property
+    def stacks(self) -> list[FactorStack]:
+        """The rank-major factors, one :class:`FactorStack` per pair type and shape (after
+        :meth:`use_rank_major`; empty before)."""
+        return self._stacks or []
 
     def original(self, name: str, pair: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The un-rotated factors of one pair of module ``name``, copied once into rank-major storage
@@ -237,6 +246,32 @@ class Decomposition:
             a, b = md.adapter.factors(self.model.get_submodule(name))[pair]
             self._originals[key] = _rank_major_copy(a), _rank_major_copy(b)
         return self._originals[key]
+
+
+@dataclass
+class FactorStack:
+    """The rotated factors of one pair type in every module of one shape, stacked rank-major:
+    ``a[l].permute(1, 2, 0)`` is module ``names[l]``'s ``(G, m, k)`` factor (its ``PairDecomposition``
+    holds that view), so one operation can reach every module's columns at once."""
+
+    pair: str
+    names: list[str]
+    a: torch.Tensor  # (L, k, G, m), contiguous
+    b: torch.Tensor  # (L, k, G, n)
+    s: torch.Tensor  # (L, G, k) float32 singular values
+
+    @classmethod
+    def of(cls, pair: str, members: list[tuple[str, PairDecomposition]]) -> FactorStack:
+        """Copy the members' factors into the stack and point their ``PairDecomposition`` at it."""
+        first = members[0][1]
+        stacks = [torch.empty(len(members), t.shape[2], t.shape[0], t.shape[1], dtype=t.dtype, device=t.device)
+                  for t in (first.a, first.b)]
+        for layer, (_, pd) in enumerate(members):
+            views = [stack[layer].permute(1, 2, 0) for stack in stacks]
+            for view, t in zip(views, (pd.a, pd.b)):
+                view.copy_(t)
+            pd.a, pd.b = views
+        return cls(pair, [name for name, _ in members], *stacks, torch.stack([pd.s for _, pd in members]))
 
 
 def decompose(model: nn.Module, *, dtype: torch.dtype = torch.float32, progress: bool = False) -> Decomposition:

@@ -23,7 +23,7 @@ from transformers.initialization import no_init_weights
 from .adapters import Adapter
 from .adapters.base import set_attributes
 from .attention import padded_width
-from .decompose import PAIRS, Decomposition, ModuleDecomposition, decompose
+from .decompose import PAIRS, Decomposition, FactorStack, ModuleDecomposition, decompose
 from .model_card import origin
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,14 @@ def _check_number(arg: str, value: object, expected: str) -> None:
 Plan = dict[str, dict[str, torch.Tensor]]  # module name -> pair -> (G, head_dim) bool "kept" mask
 
 
-def plan(dec: Decomposition, config: PruneConfig) -> Plan:
+def plan(dec: Decomposition, config: PruneConfig, *, orders: dict | None = None) -> Plan:
     """Which directions each head keeps, for the pairs ``config`` targets (no SVD).
 
     Args:
         dec: a cached decomposition.
         config: the validated pruning request.
+        orders: a cache, kept by the caller, of the global mode's ranking of all scores (they never
+            change for one decomposition).
 
     Returns:
         ``{module: {pair: kept mask (G, head_dim)}}`` for every targeted pair.
@@ -99,7 +101,7 @@ def plan(dec: Decomposition, config: PruneConfig) -> Plan:
     masks: Plan = {name: {} for name in dec.modules}
     for pair in config.pairs:
         scores = {name: _scores(md, pair, config.method) for name, md in dec.modules.items()}
-        for name, kept in _keep(scores, config).items():
+        for name, kept in _keep(scores, config, orders, (pair, config.method)).items():
             masks[name][pair] = kept
     return masks
 
@@ -118,14 +120,19 @@ def _scores(md: ModuleDecomposition, pair: str, method: str) -> torch.Tensor:
     return pd.s if method == "clover" else pd.vanilla
 
 
-def _keep(scores: dict[str, torch.Tensor], config: PruneConfig) -> dict[str, torch.Tensor]:
+def _keep(scores: dict[str, torch.Tensor], config: PruneConfig, orders: dict | None = None,
+          key: tuple = ()) -> dict[str, torch.Tensor]:
     if config.mode == "threshold":
         return {name: s > config.threshold for name, s in scores.items()}
     if config.mode == "uniform":
         return {name: _top_r(s, round(s.shape[1] * (1 - config.ratio))) for name, s in scores.items()}
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    removed = torch.zeros_like(flat, dtype=torch.bool)
-    removed[torch.argsort(flat, stable=True)[: round(config.ratio * flat.numel())]] = True
+    order = None if orders is None else orders.get(key)
+    if order is None:  # every score of every module, weakest first
+        order = torch.argsort(torch.cat([s.flatten() for s in scores.values()]), stable=True)
+        if orders is not None:
+            orders[key] = order
+    removed = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    removed[order[: round(config.ratio * order.numel())]] = True
     kept = (~removed).split([s.numel() for s in scores.values()])
     return {name: k.view_as(s) for (name, s), k in zip(scores.items(), kept)}
 
@@ -217,8 +224,9 @@ class Slider:
     model and, for CLOVER at a uniform ratio, no copy of any weight. The slider's attention modules
     lay their projections out rank-major, as the decomposition then stores its rotated factors
     (:meth:`~clover_core.Decomposition.use_rank_major`, once), so keeping
-    each head's best ``r`` directions is a slice of them (a view); ragged per-head ranks (``global`` and
-    ``threshold`` modes) copy the kept columns once, zero-padded, like :func:`prune`. Weights outside the
+    each head's best ``r`` directions is a slice of them (a view). Ragged per-head ranks (``global`` and
+    ``threshold`` modes) live in one zero-padded buffer per pair, made on first use: a move copies in
+    (or zeroes) only the columns whose heads changed rank. Weights outside the
     attention modules are the original model's; pairs left whole (and vanilla's original columns) come
     from a rank-major copy of the original factors, made on first use and shared by every slider of
     the same decomposition. Its weights equal those of :func:`prune` with the same arguments.
@@ -241,7 +249,10 @@ class Slider:
         dec.use_rank_major()
         self.dec, self.method = dec, method
         self.model = _copy_outside_attention(dec, share=True)  # attention modules built on first use
-        self._modules: dict[str, nn.Module] = {}
+        self._modules: dict[str, tuple[nn.Module, dict[str, int]]] = {}
+        self._ragged: dict[int, _RaggedStack] = {}  # per FactorStack, made on first use
+        self._loaded: dict[str, tuple[dict, dict]] = {}  # module -> (factors it holds, its ranks)
+        self._orders: dict = {}  # plan()'s cache of the global ranking
         self._base = origin(dec.model, pruning_record(dec.model))
 
     def __call__(self, ratio: float | None = None, target: Target = "qk", mode: Mode = "uniform",
@@ -254,28 +265,106 @@ class Slider:
         if ratio is None and mode != "threshold":
             ratio = 0.0
         config = PruneConfig(ratio=ratio, target=target, method=self.method, mode=mode, threshold=threshold)
-        masks = _first_r(self.dec, config) if self.method == "clover" and mode == "uniform" else plan(self.dec, config)
+        if self.method == "clover" and mode == "uniform":
+            masks = _first_r(self.dec, config)
+        else:
+            masks = plan(self.dec, config, orders=self._orders)
         ranks: dict[str, dict[str, list[int]]] = {}
         with torch.no_grad():
+            ragged = self._ragged_columns(masks, config) if self.method == "clover" and mode != "uniform" else {}
             for name, md in self.dec.modules.items():
                 selected, ranks[name] = select_pairs(md, masks[name], self.method,
-                                                     functools.partial(self.dec.original, name))
-                module = self._module(name, md)
+                                                     functools.partial(self.dec.original, name),
+                                                     functools.partial(_prepared, ragged, name, md))
+                held = self._loaded.get(name)
+                if held is not None and _same_tensors(held[0], selected) and held[1] == ranks[name]:
+                    continue  # its heads kept their ranks and its width: the module's views are current
+                module, per_direction = self._module(name, md)
                 md.adapter.load_factors(module, selected, share=True)
-                attach_ranks(module, md.adapter, ranks[name])
+                attach_ranks(module, md.adapter, ranks[name], per_direction)
+                self._loaded[name] = selected, ranks[name]
         record(self.model, pruning_meta(self.dec.model, config, ranks, base=self._base))
         return self.model
 
-    def _module(self, name: str, md: ModuleDecomposition) -> nn.Module:
-        module = self._modules.get(name)
-        if module is None:
+    def _ragged_columns(self, masks: Plan, config: PruneConfig) -> dict[tuple[str, str], tuple[torch.Tensor, ...]]:
+        """CLOVER's kept columns at ragged ranks for every module of every stack where each head keeps
+        its leading (best) columns: views of the stack's buffers, updated in place in a few operations
+        for all its modules at once. Other pairs (ties in the spectra) are left to :func:`select_columns`."""
+        views = {}
+        for stack in self.dec.stacks:
+            if stack.pair not in config.pairs:
+                continue
+            kept = torch.stack([masks[name][stack.pair] for name in stack.names])  # (L, G, k)
+            ranks = kept.sum(dim=-1)  # (L, G)
+            if torch.equal(kept, torch.arange(kept.shape[-1], device=kept.device) < ranks[..., None]):
+                if id(stack) not in self._ragged:
+                    self._ragged[id(stack)] = _RaggedStack(stack)
+                views.update(self._ragged[id(stack)].update(ranks))
+        return views
+
+    def _module(self, name: str, md: ModuleDecomposition) -> tuple[nn.Module, dict[str, int]]:
+        """The slider's attention module ``name`` (built on first use) and its parameters per direction."""
+        held = self._modules.get(name)
+        if held is None:
             original = self.dec.model.get_submodule(name)
             with no_init_weights():
                 module = md.adapter.pruned(original, {}, share=True).train(original.training)
             _adopt_config(module, self.dec.model, self.model)
             set_submodule(self.model, name, module)
-            self._modules[name] = module
-        return module
+            held = self._modules[name] = module, md.adapter.params_per_direction(module)
+        return held
+
+
+class _RaggedStack:
+    """A :class:`FactorStack`'s factors with every head's columns past its rank zeroed, kept up to date
+    in place; its modules' kept columns are views of it."""
+
+    def __init__(self, stack: FactorStack):
+        self.stack = stack
+        self.a, self.b = torch.zeros_like(stack.a), torch.zeros_like(stack.b)  # (L, k, G, m), (L, k, G, n)
+        self.ranks = torch.zeros(stack.s.shape[:2], dtype=torch.long, device=stack.s.device)  # (L, G)
+        self.views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (module, width) -> views
+        # the leading columns are the best ones where the spectra are sorted (always, from decompose)
+        self.sorted = bool((stack.s[..., :-1] >= stack.s[..., 1:]).all())
+
+    def update(self, ranks: torch.Tensor) -> dict[tuple[str, str], tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]:
+        """Set every head's rank (``(L, G)``): only the columns between its old and new rank are
+        written, one gather and one fill per factor for the whole stack. Returns each module's kept
+        columns, zero-padded to its width (views made once per module and width), and its ranks."""
+        if not self.sorted:
+            return {}
+        column = torch.arange(self.a.shape[1], device=ranks.device)[None, :, None]  # (1, k, 1)
+        old, new = self.ranks[:, None, :], ranks[:, None, :]  # (L, 1, G): rows (l, j, g) of the stack
+        copy = ((column >= old) & (column < new)).flatten().nonzero().squeeze(1)
+        zero = ((column >= new) & (column < old)).flatten().nonzero().squeeze(1)
+        for buffer, source in ((self.a, self.stack.a), (self.b, self.stack.b)):
+            rows = buffer.view(-1, buffer.shape[-1])
+            rows.index_copy_(0, copy, source.view(-1, source.shape[-1]).index_select(0, copy))
+            rows.index_fill_(0, zero, 0)
+        self.ranks = ranks
+        views = {}
+        for layer, (name, heads) in enumerate(zip(self.stack.names, ranks.tolist())):
+            width = padded_width(heads)
+            kept = self.views.get((name, width))
+            if kept is None:
+                kept = self.views[name, width] = tuple(t[layer].permute(1, 2, 0)[..., :width] for t in (self.a, self.b))
+            views[name, self.stack.pair] = kept, heads
+        return views
+
+
+def _prepared(ragged: dict, name: str, md: ModuleDecomposition, pair: str,
+              kept: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], list[int]]:
+    """A slider's CLOVER columns and ranks of one pair: from its ragged buffers when prepared, else
+    gathered."""
+    found = ragged.get((name, pair))
+    if found is not None:
+        return found
+    pd = md.pairs[pair]
+    return select_columns(pd.a, pd.b, pd.s, kept), kept.sum(dim=1).tolist()
+
+
+def _same_tensors(held: dict[str, tuple[torch.Tensor, ...]], new: dict[str, tuple[torch.Tensor, ...]]) -> bool:
+    return held.keys() == new.keys() and all(x is y for p in new for x, y in zip(held[p], new[p]))
 
 
 def _adopt_config(module: nn.Module, original: nn.Module, new: nn.Module) -> None:
@@ -320,8 +409,12 @@ def prune_module(original: nn.Module, md: ModuleDecomposition, masks: dict[str, 
 Selection = int | torch.Tensor  # a kept mask (G, head_dim), or r: every head keeps its first r directions
 
 
+# (pair, kept mask) -> (kept factors, each head's rank)
+Columns = Callable[[str, torch.Tensor], tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]
+
+
 def select_pairs(md: ModuleDecomposition, masks: dict[str, Selection], method: str,
-                 originals: Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+                 originals: Callable[[str], tuple[torch.Tensor, torch.Tensor]], columns: Columns | None = None
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[int]]]:
     """The kept, zero-padded columns of every pair of one module, and each head's rank (no SVD).
 
@@ -331,6 +424,9 @@ def select_pairs(md: ModuleDecomposition, masks: dict[str, Selection], method: s
             (CLOVER at a uniform ratio) keeps every head's first ``r`` rotated columns: a slice.
         method: ``"clover"`` (rotated factors) or ``"vanilla"`` (original columns).
         originals: ``pair -> (a, b)``, the original factors (vanilla, and pairs kept whole).
+        columns: how CLOVER's kept columns (and ranks) are found for a mask; default
+            :func:`select_columns` on the rotated factors (a :class:`Slider` keeps them in buffers it
+            updates in place).
 
     Returns:
         ``({pair: (a_kept, b_kept)}, {pair: ranks})``.
@@ -343,12 +439,15 @@ def select_pairs(md: ModuleDecomposition, masks: dict[str, Selection], method: s
             continue
         if isinstance(kept, int):  # r = 0: nothing kept
             kept = torch.zeros_like(pd.s, dtype=torch.bool)
+        if kept is not None and method == "clover" and columns is not None:
+            selected[pair], ranks[pair] = columns(pair, kept)
+            continue
         if kept is not None and method == "clover":
-            a, b, score = pd.a, pd.b, pd.s
+            selected[pair] = select_columns(pd.a, pd.b, pd.s, kept)
         else:  # vanilla, or a pair left whole: the original columns
-            (a, b), score = originals(pair), pd.vanilla
             kept = torch.ones_like(pd.vanilla, dtype=torch.bool) if kept is None else kept
-        selected[pair], ranks[pair] = select_columns(a, b, score, kept), kept.sum(dim=1).tolist()
+            selected[pair] = select_columns(*originals(pair), pd.vanilla, kept)
+        ranks[pair] = kept.sum(dim=1).tolist()
     return selected, ranks
 
 
@@ -409,9 +508,11 @@ def _leading(kept: torch.Tensor, ranks: torch.Tensor, score: torch.Tensor) -> bo
     return bool(torch.equal(kept, first) and (score[:, :-1] >= score[:, 1:]).all())
 
 
-def attach_ranks(module: nn.Module, adapter: Adapter, ranks: dict[str, list[int]]) -> None:
-    """Record true per-head ranks on a pruned module, with the padding and KV width they imply."""
-    per_direction = adapter.params_per_direction(module)
+def attach_ranks(module: nn.Module, adapter: Adapter, ranks: dict[str, list[int]],
+                 per_direction: dict[str, int] | None = None) -> None:
+    """Record true per-head ranks on a pruned module, with the padding and KV width they imply
+    (``per_direction``: the adapter's ``params_per_direction(module)``, when known)."""
+    per_direction = per_direction or adapter.params_per_direction(module)
     padding = sum((len(r) * padded_width(r) - sum(r)) * per_direction[p] for p, r in ranks.items())
     set_attributes(module, clover_ranks=ranks, clover_padding=padding)
     kv = adapter.kv_width(module, ranks)

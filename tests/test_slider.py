@@ -129,3 +129,22 @@ def test_rank_major_storage_keeps_the_values_and_is_made_once(make_gpt2):
     a = pd.a
     cc.Slider(dec)
     assert pd.a is a  # already converted: no second copy
+
+
+@pytest.mark.parametrize("mode,values", [("global", (0.3, 0.6, 0.35, 0.9, 0.0, 0.5)),
+                                         ("threshold", (0.05, 0.2, 0.01, 0.5, 0.1))])
+def test_ragged_moves_update_one_buffer_in_place(make_gpt2, tokens, mode, values):
+    """Global / threshold moves both ways: each equals prune(), and every move rewrites the same
+    zero-padded buffers (only the columns that changed) instead of allocating new weights."""
+    dec = cc.decompose(make_gpt2("5x8"))
+    slider = cc.Slider(dec)
+    storages = set()
+    for value in values:
+        kw = dict(threshold=value) if mode == "threshold" else dict(ratio=value)
+        slid = slider(target="both", mode=mode, **kw)
+        pruned = cc.prune(dec, target="both", mode=mode, **kw)
+        assert_same_weights(slid, pruned, dec)
+        torch.testing.assert_close(run(slid, {"input_ids": tokens}), run(pruned, {"input_ids": tokens}), **SAME_MATH)
+        attn = slid.transformer.h[1].attn
+        storages |= {attn.q_proj.weight.untyped_storage().data_ptr(), attn.k_proj.weight.untyped_storage().data_ptr()}
+    assert len(storages) == 2  # the Q-K pair's two buffers, whatever the ranks

@@ -67,7 +67,7 @@ def split_output(weight: torch.Tensor, n_heads: int, *, rank_major: bool = False
 
 
 def input_projection(factor: torch.Tensor, *, rank_major: bool, share: bool = False,
-                     x_at_w: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     x_at_w: bool = False, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A left factor ``(n, d + 1, w)`` -> the weight and bias of the projection that makes it.
 
     Args:
@@ -76,6 +76,7 @@ def input_projection(factor: torch.Tensor, *, rank_major: bool, share: bool = Fa
         share: return views of ``factor`` where its memory allows (a decomposition stores its factors
             rank-major, so their leading columns are a plain slice); otherwise fresh contiguous tensors.
         x_at_w: ``Conv1D`` layout ``(d, w*n)`` instead of ``nn.Linear``'s ``(w*n, d)``.
+        bias: also make the bias (``False``: None, for a projection without one).
 
     Returns:
         ``(weight, bias)``, bias ``(w*n,)``.
@@ -83,9 +84,10 @@ def input_projection(factor: torch.Tensor, *, rank_major: bool, share: bool = Fa
     n, _, w = factor.shape
     inputs, features = factor[:, :-1], ((2, 0) if rank_major else (0, 2))  # (n, d, w); feature order
     weight = inputs.permute(1, *features).flatten(1) if x_at_w else inputs.permute(*features, 1).flatten(0, 1)
-    bias = factor[:, -1]  # (n, w)
-    bias = (bias.T if rank_major else bias).reshape(w * n)
-    return _owned(weight, factor, share), _owned(bias, factor, share)
+    if not bias:
+        return _owned(weight, factor, share), None
+    row = factor[:, -1]  # (n, w)
+    return _owned(weight, factor, share), _owned((row.T if rank_major else row).reshape(w * n), factor, share)
 
 
 def output_projection(factor: torch.Tensor, *, rank_major: bool, share: bool = False,
@@ -101,11 +103,12 @@ def load_input(proj: nn.Module, factor: torch.Tensor, *, rank_major: bool, share
     """Give an input projection (``nn.Linear``, or GPT-2's ``Conv1D`` with ``x_at_w``) the weight and bias
     that make ``factor`` (see :func:`input_projection`), and the output width they imply. A projection
     without a bias (Whisper's ``k_proj``) keeps none: its factor's bias row is zero."""
-    weight, bias = input_projection(factor, rank_major=rank_major, share=share, x_at_w=x_at_w)
+    weight, bias = input_projection(factor, rank_major=rank_major, share=share, x_at_w=x_at_w,
+                                    bias=proj.bias is not None)
     assign(proj, "weight", weight, share=share)
-    if proj.bias is not None:
+    if bias is not None:
         assign(proj, "bias", bias, share=share)
-    set_attributes(proj, **{"nf" if x_at_w else "out_features": bias.shape[0]})
+    set_attributes(proj, **{"nf" if x_at_w else "out_features": factor.shape[0] * factor.shape[2]})
 
 
 def load_output(proj: nn.Module, factor: torch.Tensor, *, rank_major: bool, share: bool, x_at_w: bool = False) -> None:

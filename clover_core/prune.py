@@ -225,9 +225,10 @@ class Slider:
     lay their projections out rank-major, as the decomposition then stores its rotated factors
     (:meth:`~clover_core.Decomposition.use_rank_major`, once), so keeping
     each head's best ``r`` directions is a slice of them (a view). Ragged per-head ranks (``global`` and
-    ``threshold`` modes) live in one zero-padded buffer per pair, made on first use: a move copies in
-    (or zeroes) only the columns whose heads changed rank. Weights outside the
-    attention modules are the original model's; pairs left whole (and vanilla's original columns) come
+    ``threshold`` modes) live in one zero-padded buffer per stack of equal-shaped modules (made on first
+    use, the size of the stack's factors): a move copies in (or zeroes) only the columns whose heads
+    changed rank, and modules whose kept columns did not change are left as they are. Weights outside
+    the attention modules are the original model's; pairs left whole (and vanilla's original columns) come
     from a rank-major copy of the original factors, made on first use and shared by every slider of
     the same decomposition. Its weights equal those of :func:`prune` with the same arguments.
 

@@ -67,14 +67,10 @@ def orthogonalize(
     return a_rot.to(a.dtype), b_rot.to(b.dtype), s
 
 
-def _rank_major_empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An empty ``(G, rows, k)`` tensor stored rank-major (``.permute(2, 0, 1)`` is contiguous)."""
-    g, rows, k = like.shape
-    return torch.empty(k, g, rows, dtype=dtype, device=like.device).permute(1, 2, 0)
-
-
 def _rank_major_copy(t: torch.Tensor) -> torch.Tensor:
-    return _rank_major_empty(t, t.dtype).copy_(t)
+    """A copy of a ``(G, rows, k)`` tensor stored rank-major (``.permute(2, 0, 1)`` is contiguous)."""
+    g, rows, k = t.shape
+    return torch.empty(k, g, rows, dtype=t.dtype, device=t.device).permute(1, 2, 0).copy_(t)
 
 
 def _gram_rotation(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -209,6 +205,7 @@ class Decomposition:
     modules: dict[str, ModuleDecomposition]
     _originals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _stacks: list[FactorStack] | None = field(default=None, repr=False)  # set by use_rank_major
+    _rankings: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def pair_types(self) -> tuple[str, ...]:
@@ -236,6 +233,16 @@ class Decomposition:
         """The rank-major factors, one :class:`FactorStack` per pair type and shape (after
         :meth:`use_rank_major`; empty before)."""
         return self._stacks or []
+
+    def ranking(self, pair: str, score: str) -> torch.Tensor:
+        """Every head's directions of ``pair`` in every module, weakest ``score`` first (``"s"`` or
+        ``"vanilla"``; a stable sort of the scores flattened in module order), computed once: the
+        ``global`` mode's order, which no ratio changes."""
+        key = (pair, score)
+        if key not in self._rankings:
+            flat = torch.cat([getattr(md.pairs[pair], score).flatten() for md in self.modules.values()])
+            self._rankings[key] = torch.argsort(flat, stable=True)
+        return self._rankings[key]
 
     def original(self, name: str, pair: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The un-rotated factors of one pair of module ``name``, copied once into rank-major storage

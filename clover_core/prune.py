@@ -82,14 +82,12 @@ def _check_number(arg: str, value: object, expected: str) -> None:
 Plan = dict[str, dict[str, torch.Tensor]]  # module name -> pair -> (G, head_dim) bool "kept" mask
 
 
-def plan(dec: Decomposition, config: PruneConfig, *, orders: dict | None = None) -> Plan:
+def plan(dec: Decomposition, config: PruneConfig) -> Plan:
     """Which directions each head keeps, for the pairs ``config`` targets (no SVD).
 
     Args:
         dec: a cached decomposition.
         config: the validated pruning request.
-        orders: a cache, kept by the caller, of the global mode's ranking of all scores (they never
-            change for one decomposition).
 
     Returns:
         ``{module: {pair: kept mask (G, head_dim)}}`` for every targeted pair.
@@ -99,9 +97,11 @@ def plan(dec: Decomposition, config: PruneConfig, *, orders: dict | None = None)
     """
     check_pairs(dec, config)
     masks: Plan = {name: {} for name in dec.modules}
+    score = "s" if config.method == "clover" else "vanilla"
     for pair in config.pairs:
-        scores = {name: _scores(md, pair, config.method) for name, md in dec.modules.items()}
-        for name, kept in _keep(scores, config, orders, (pair, config.method)).items():
+        scores = {name: getattr(md.pairs[pair], score) for name, md in dec.modules.items()}
+        order = dec.ranking(pair, score) if config.mode == "global" else None
+        for name, kept in _keep(scores, config, order).items():
             masks[name][pair] = kept
     return masks
 
@@ -115,22 +115,12 @@ def check_pairs(dec: Decomposition, config: PruneConfig) -> None:
                              "product is not a fixed matrix and cannot be orthogonalized; use target='vo'")
 
 
-def _scores(md: ModuleDecomposition, pair: str, method: str) -> torch.Tensor:
-    pd = md.pairs[pair]
-    return pd.s if method == "clover" else pd.vanilla
-
-
-def _keep(scores: dict[str, torch.Tensor], config: PruneConfig, orders: dict | None = None,
-          key: tuple = ()) -> dict[str, torch.Tensor]:
+def _keep(scores: dict[str, torch.Tensor], config: PruneConfig, order: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Kept masks per module; ``order`` (global mode) ranks every score, weakest first."""
     if config.mode == "threshold":
         return {name: s > config.threshold for name, s in scores.items()}
     if config.mode == "uniform":
         return {name: _top_r(s, round(s.shape[1] * (1 - config.ratio))) for name, s in scores.items()}
-    order = None if orders is None else orders.get(key)
-    if order is None:  # every score of every module, weakest first
-        order = torch.argsort(torch.cat([s.flatten() for s in scores.values()]), stable=True)
-        if orders is not None:
-            orders[key] = order
     removed = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
     removed[order[: round(config.ratio * order.numel())]] = True
     kept = (~removed).split([s.numel() for s in scores.values()])
@@ -253,7 +243,6 @@ class Slider:
         self._modules: dict[str, tuple[nn.Module, dict[str, int]]] = {}
         self._ragged: dict[int, _RaggedStack] = {}  # per FactorStack, made on first use
         self._loaded: dict[str, tuple[dict, dict]] = {}  # module -> (factors it holds, its ranks)
-        self._orders: dict = {}  # plan()'s cache of the global ranking
         self._base = origin(dec.model, pruning_record(dec.model))
 
     def __call__(self, ratio: float | None = None, target: Target = "qk", mode: Mode = "uniform",
@@ -269,14 +258,13 @@ class Slider:
         if self.method == "clover" and mode == "uniform":
             masks = _first_r(self.dec, config)
         else:
-            masks = plan(self.dec, config, orders=self._orders)
+            masks = plan(self.dec, config)
         ranks: dict[str, dict[str, list[int]]] = {}
         with torch.no_grad():
             ragged = self._ragged_columns(masks, config) if self.method == "clover" and mode != "uniform" else {}
             for name, md in self.dec.modules.items():
                 selected, ranks[name] = select_pairs(md, masks[name], self.method,
-                                                     functools.partial(self.dec.original, name),
-                                                     functools.partial(_prepared, ragged, name, md))
+                                                     functools.partial(self.dec.original, name), ragged.get(name))
                 held = self._loaded.get(name)
                 if held is not None and _same_tensors(held[0], selected) and held[1] == ranks[name]:
                     continue  # its heads kept their ranks and its width: the module's views are current
@@ -287,21 +275,24 @@ class Slider:
         record(self.model, pruning_meta(self.dec.model, config, ranks, base=self._base))
         return self.model
 
-    def _ragged_columns(self, masks: Plan, config: PruneConfig) -> dict[tuple[str, str], tuple[torch.Tensor, ...]]:
-        """CLOVER's kept columns at ragged ranks for every module of every stack where each head keeps
-        its leading (best) columns: views of the stack's buffers, updated in place in a few operations
-        for all its modules at once. Other pairs (ties in the spectra) are left to :func:`select_columns`."""
-        views = {}
+    def _ragged_columns(self, masks: Plan, config: PruneConfig) -> dict[str, Prepared]:
+        """CLOVER's kept columns at ragged ranks, ``{module: {pair: (factors, ranks)}}``, for every stack
+        whose heads all keep their leading (best) columns: views of the stack's buffers, updated in place
+        in a few operations for all its modules at once. Other pairs (ties in the spectra) are left to
+        :func:`select_columns`."""
+        prepared: dict[str, Prepared] = {}
         for stack in self.dec.stacks:
             if stack.pair not in config.pairs:
                 continue
             kept = torch.stack([masks[name][stack.pair] for name in stack.names])  # (L, G, k)
             ranks = kept.sum(dim=-1)  # (L, G)
-            if torch.equal(kept, torch.arange(kept.shape[-1], device=kept.device) < ranks[..., None]):
-                if id(stack) not in self._ragged:
-                    self._ragged[id(stack)] = _RaggedStack(stack)
-                views.update(self._ragged[id(stack)].update(ranks))
-        return views
+            if not _leading(kept, ranks, stack.s):
+                continue
+            if id(stack) not in self._ragged:
+                self._ragged[id(stack)] = _RaggedStack(stack)
+            for name, columns in self._ragged[id(stack)].update(ranks).items():
+                prepared.setdefault(name, {})[stack.pair] = columns
+        return prepared
 
     def _module(self, name: str, md: ModuleDecomposition) -> tuple[nn.Module, dict[str, int]]:
         """The slider's attention module ``name`` (built on first use) and its parameters per direction."""
@@ -325,15 +316,11 @@ class _RaggedStack:
         self.a, self.b = torch.zeros_like(stack.a), torch.zeros_like(stack.b)  # (L, k, G, m), (L, k, G, n)
         self.ranks = torch.zeros(stack.s.shape[:2], dtype=torch.long, device=stack.s.device)  # (L, G)
         self.views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (module, width) -> views
-        # the leading columns are the best ones where the spectra are sorted (always, from decompose)
-        self.sorted = bool((stack.s[..., :-1] >= stack.s[..., 1:]).all())
 
-    def update(self, ranks: torch.Tensor) -> dict[tuple[str, str], tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]:
+    def update(self, ranks: torch.Tensor) -> dict[str, tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]:
         """Set every head's rank (``(L, G)``): only the columns between its old and new rank are
         written, one gather and one fill per factor for the whole stack. Returns each module's kept
         columns, zero-padded to its width (views made once per module and width), and its ranks."""
-        if not self.sorted:
-            return {}
         column = torch.arange(self.a.shape[1], device=ranks.device)[None, :, None]  # (1, k, 1)
         old, new = self.ranks[:, None, :], ranks[:, None, :]  # (L, 1, G): rows (l, j, g) of the stack
         copy = ((column >= old) & (column < new)).flatten().nonzero().squeeze(1)
@@ -349,19 +336,8 @@ class _RaggedStack:
             kept = self.views.get((name, width))
             if kept is None:
                 kept = self.views[name, width] = tuple(t[layer].permute(1, 2, 0)[..., :width] for t in (self.a, self.b))
-            views[name, self.stack.pair] = kept, heads
+            views[name] = kept, heads
         return views
-
-
-def _prepared(ragged: dict, name: str, md: ModuleDecomposition, pair: str,
-              kept: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], list[int]]:
-    """A slider's CLOVER columns and ranks of one pair: from its ragged buffers when prepared, else
-    gathered."""
-    found = ragged.get((name, pair))
-    if found is not None:
-        return found
-    pd = md.pairs[pair]
-    return select_columns(pd.a, pd.b, pd.s, kept), kept.sum(dim=1).tolist()
 
 
 def _same_tensors(held: dict[str, tuple[torch.Tensor, ...]], new: dict[str, tuple[torch.Tensor, ...]]) -> bool:
@@ -410,12 +386,11 @@ def prune_module(original: nn.Module, md: ModuleDecomposition, masks: dict[str, 
 Selection = int | torch.Tensor  # a kept mask (G, head_dim), or r: every head keeps its first r directions
 
 
-# (pair, kept mask) -> (kept factors, each head's rank)
-Columns = Callable[[str, torch.Tensor], tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]
+Prepared = dict[str, tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]  # pair -> (kept factors, ranks)
 
 
 def select_pairs(md: ModuleDecomposition, masks: dict[str, Selection], method: str,
-                 originals: Callable[[str], tuple[torch.Tensor, torch.Tensor]], columns: Columns | None = None
+                 originals: Callable[[str], tuple[torch.Tensor, torch.Tensor]], prepared: Prepared | None = None
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[int]]]:
     """The kept, zero-padded columns of every pair of one module, and each head's rank (no SVD).
 
@@ -425,24 +400,23 @@ def select_pairs(md: ModuleDecomposition, masks: dict[str, Selection], method: s
             (CLOVER at a uniform ratio) keeps every head's first ``r`` rotated columns: a slice.
         method: ``"clover"`` (rotated factors) or ``"vanilla"`` (original columns).
         originals: ``pair -> (a, b)``, the original factors (vanilla, and pairs kept whole).
-        columns: how CLOVER's kept columns (and ranks) are found for a mask; default
-            :func:`select_columns` on the rotated factors (a :class:`Slider` keeps them in buffers it
-            updates in place).
+        prepared: pairs whose kept columns and ranks are already at hand (a :class:`Slider` keeps
+            CLOVER's ragged ones in buffers it updates in place); the others are selected here.
 
     Returns:
         ``({pair: (a_kept, b_kept)}, {pair: ranks})``.
     """
     selected, ranks = {}, {}
     for pair, pd in md.pairs.items():
+        if prepared and pair in prepared:
+            selected[pair], ranks[pair] = prepared[pair]
+            continue
         kept = masks.get(pair)
         if isinstance(kept, int) and kept > 0:
             selected[pair], ranks[pair] = (pd.a[..., :kept], pd.b[..., :kept]), [kept] * pd.s.shape[0]
             continue
         if isinstance(kept, int):  # r = 0: nothing kept
             kept = torch.zeros_like(pd.s, dtype=torch.bool)
-        if kept is not None and method == "clover" and columns is not None:
-            selected[pair], ranks[pair] = columns(pair, kept)
-            continue
         if kept is not None and method == "clover":
             selected[pair] = select_columns(pd.a, pd.b, pd.s, kept)
         else:  # vanilla, or a pair left whole: the original columns
@@ -504,9 +478,10 @@ def select_columns(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor,
 
 
 def _leading(kept: torch.Tensor, ranks: torch.Tensor, score: torch.Tensor) -> bool:
-    """Whether each group keeps exactly its first ``ranks[g]`` columns and they are ordered best first."""
-    first = torch.arange(kept.shape[1], device=kept.device)[None] < ranks[:, None]  # (G, k)
-    return bool(torch.equal(kept, first) and (score[:, :-1] >= score[:, 1:]).all())
+    """Whether each group keeps exactly its first ``ranks[..., g]`` columns and they are ordered best
+    first (``kept``/``score`` ``(..., G, k)``, ``ranks`` ``(..., G)``)."""
+    first = torch.arange(kept.shape[-1], device=kept.device) < ranks[..., None]  # (..., G, k)
+    return bool(torch.equal(kept, first) and (score[..., :-1] >= score[..., 1:]).all())
 
 
 def attach_ranks(module: nn.Module, adapter: Adapter, ranks: dict[str, list[int]],

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import MODELS, add_device_args, build_model, setup_device, timed  # noqa: E402
+from benchmarks.common import (MODELS, add_device_args, build_model, output_cache, setup_device, timed,  # noqa: E402
+                               with_cache)
 
 import clover_core as cc  # noqa: E402
 from clover_core.metrics import kv_cache_bytes_per_token, parameter_count  # noqa: E402
@@ -52,7 +53,7 @@ def variants(model: torch.nn.Module, ratio: float) -> list[tuple[str, torch.nn.M
 def measured_kv_bytes(model: torch.nn.Module, ids: torch.Tensor) -> float:
     """Bytes per token and sequence the real cache allocates after a prefill (padding included)."""
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = output_cache(model(ids, use_cache=True))
     total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return total / ids.numel()
 
@@ -87,12 +88,12 @@ def step_times(models: list, batch: int, prompt: int, device: torch.device, repe
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, vocab, (batch, prompt), generator=gen).to(device)
     token = torch.randint(3, vocab, (batch, 1), generator=gen).to(device)
-    caches = [model(ids, use_cache=True).past_key_values for model in models]
+    caches = [output_cache(model(ids, use_cache=True)) for model in models]
     best = [float("inf")] * len(models)
     for _ in range(repeats):
         for i, model in enumerate(models):
             cache = copy.deepcopy(caches[i])
-            best[i] = min(best[i], timed(lambda: model(token, past_key_values=cache, use_cache=True), device,
+            best[i] = min(best[i], timed(lambda: model(token, **with_cache(model, cache), use_cache=True), device,
                                          repeats=1, warmup=0))
     return best
 

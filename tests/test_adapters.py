@@ -7,7 +7,7 @@ import clover_core as cc
 from clover_core.adapters import adapter_for
 from clover_core.metrics import kv_cache_bytes_per_token, parameter_count
 
-from .conftest import unet_inputs
+from .conftest import output_cache, unet_inputs
 from .tolerances import FP32
 
 FEATS = torch.randn(1, 8, 40, generator=torch.Generator().manual_seed(3))
@@ -102,8 +102,8 @@ def test_llama_kv_cache_bytes(make_llama):
     # 2 layers x 2 KV heads x 4 value features removed, float32
     assert kv_cache_bytes_per_token(model) - kv_cache_bytes_per_token(pruned) == 2 * 2 * 4 * 4
     out = pruned(LM_IDS[:1], use_cache=True)
-    assert out.past_key_values.layers[0].values.shape[-1] == 4
-    assert out.past_key_values.layers[0].keys.shape[-1] == 8
+    assert output_cache(out).layers[0].values.shape[-1] == 4
+    assert output_cache(out).layers[0].keys.shape[-1] == 8
 
 
 def test_llama_with_attention_bias(make_llama):

@@ -6,6 +6,7 @@ import torch
 import clover_core as cc
 from clover_core.metrics import kv_cache_bytes_per_token, parameter_count
 
+from .conftest import output_cache
 from .tolerances import FP32
 
 MODES = [("uniform", dict(ratio=0.0)), ("global", dict(ratio=0.0))]
@@ -163,7 +164,7 @@ def test_kv_cache_really_shrinks(make_gpt2):
     model = make_gpt2("3x16")
     pruned = cc.prune(model, ratio=0.5, target="qk")
     out = pruned(torch.tensor([[1, 2, 3]]), use_cache=True)
-    layer = out.past_key_values.layers[0]
+    layer = output_cache(out).layers[0]
     assert layer.keys.shape[-1] == 8 and layer.values.shape[-1] == 16
 
 

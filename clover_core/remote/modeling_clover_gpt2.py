@@ -34,7 +34,8 @@ class CloverGPT2Attention(GPT2Attention):
         self.c_proj = Conv1D(d, h * v_dim)
 
     def forward(self, hidden_states, past_key_values=None, attention_mask=None,
-                encoder_hidden_states=None, encoder_attention_mask=None, output_attentions=False, **kwargs):
+                encoder_hidden_states=None, encoder_attention_mask=None, output_attentions=False, cache=None, **kwargs):
+        past_key_values = past_key_values if cache is None else cache  # transformers >= 5.24 names it cache
         if encoder_hidden_states is not None:
             raise NotImplementedError("pruned GPT-2 cross-attention is not supported")
         h, rm = self.num_heads, self.rank_major

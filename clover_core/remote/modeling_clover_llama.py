@@ -26,7 +26,9 @@ class CloverLlamaAttention(LlamaAttention):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * v_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * v_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
+        past_key_values = past_key_values if cache is None else cache  # transformers >= 5.24 names it cache
         bsz, seq = hidden_states.shape[:2]
         q = self.q_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)

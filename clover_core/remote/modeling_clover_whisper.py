@@ -30,7 +30,8 @@ class CloverWhisperAttention(WhisperAttention):
         self.out_proj = nn.Linear(h * v_dim, d, bias=True)
 
     def forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
-                output_attentions=False, **kwargs):
+                output_attentions=False, cache=None, **kwargs):
+        past_key_values = past_key_values if cache is None else cache  # transformers >= 5.24 names it cache
         h, rm, cross = self.num_heads, self.rank_major, key_value_states is not None
         q = to_heads(self.q_proj(hidden_states) * self.scaling, h, self.qk_dim, rm)  # (B, nh, T, qk)
         cache, reuse = past_key_values, False

@@ -29,7 +29,7 @@ from transformers.initialization import no_init_weights
 from .adapters import adapter_for, is_rank_major
 from .attention import padded_width
 from .model_card import CARD, model_card
-from .prune import FORMAT, attach_ranks, build_module, pruning_record, record, set_submodule
+from .prune import FORMAT, attach_ranks, build_module, pruning_record, record, set_submodule, zero_padding
 from .remote import base_class, export_code
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,9 @@ def _head_major(model: nn.Module):
         for name, module in [(n, m) for n, m in model.named_modules() if is_rank_major(m)]:
             adapter = adapter_for(module)
             with torch.no_grad():
-                saved = build_module(module, adapter, adapter.factors(module), module.clover_ranks)
+                ranks = module.clover_ranks  # padding zeroed on both sides (a slider zeroes one): prune()'s weights
+                factors = {p: zero_padding(a, b, ranks[p]) for p, (a, b) in adapter.factors(module).items()}
+                saved = build_module(module, adapter, factors, ranks)
             set_submodule(model, name, saved)
             swapped.append((name, module))
         yield

@@ -215,12 +215,15 @@ class Slider:
     lay their projections out rank-major, as the decomposition then stores its rotated factors
     (:meth:`~clover_core.Decomposition.use_rank_major`, once), so keeping
     each head's best ``r`` directions is a slice of them (a view). Ragged per-head ranks (``global`` and
-    ``threshold`` modes) live in one zero-padded buffer per stack of equal-shaped modules (made on first
-    use, the size of the stack's factors): a move copies in (or zeroes) only the columns whose heads
-    changed rank, and modules whose kept columns did not change are left as they are. Weights outside
-    the attention modules are the original model's; pairs left whole (and vanilla's original columns) come
-    from a rank-major copy of the original factors, made on first use and shared by every slider of
-    the same decomposition. Its weights equal those of :func:`prune` with the same arguments.
+    ``threshold`` modes) zero each head's columns past its rank on the narrower side of the pair only
+    (which keeps every product exact), in one buffer per stack of equal-shaped modules (made on first
+    use, the size of that side of the stack's factors): a move copies in (or zeroes) only the columns
+    whose heads changed rank, and modules whose kept columns did not change are left as they are.
+    Weights outside the attention modules are the original model's; pairs left whole (and vanilla's
+    original columns) come from a rank-major copy of the original factors, made on first use and shared
+    by every slider of the same decomposition. Its kept columns equal those of :func:`prune` with the
+    same arguments, and so do all its weights once saved (:func:`~clover_core.save_pruned` zeroes both
+    sides' padding).
 
     Read-only, like ``prune(..., share_weights=True)``: evaluate, generate, save; a model returned
     earlier changes with the next call (use :func:`prune` for an independent model).
@@ -266,10 +269,12 @@ class Slider:
                 selected, ranks[name] = select_pairs(md, masks[name], self.method,
                                                      functools.partial(self.dec.original, name), ragged.get(name))
                 held = self._loaded.get(name)
-                if held is not None and _same_tensors(held[0], selected) and held[1] == ranks[name]:
-                    continue  # its heads kept their ranks and its width: the module's views are current
+                current = held is not None and _same_tensors(held[0], selected)  # the views it holds
+                if current and held[1] == ranks[name]:
+                    continue  # its heads kept their ranks
                 module, per_direction = self._module(name, md)
-                md.adapter.load_factors(module, selected, share=True)
+                if not current:  # (a buffer updated in place at the same width needs no re-pointing)
+                    md.adapter.load_factors(module, selected, share=True)
                 attach_ranks(module, md.adapter, ranks[name], per_direction)
                 self._loaded[name] = selected, ranks[name]
         record(self.model, pruning_meta(self.dec.model, config, ranks, base=self._base))
@@ -308,34 +313,40 @@ class Slider:
 
 
 class _RaggedStack:
-    """A :class:`FactorStack`'s factors with every head's columns past its rank zeroed, kept up to date
-    in place; its modules' kept columns are views of it."""
+    """A :class:`FactorStack`'s factors with every head's columns past its rank zeroed on one side of
+    the pair, kept up to date in place; its modules' kept columns are views of them.
+
+    Zeroing one side is enough: a direction whose left column is zero adds nothing, whatever its right
+    column holds, so every head's product is exact. The zeroed side is the narrower one (its rows are
+    what a move copies); the other side is a view of the stack's factors, never written."""
 
     def __init__(self, stack: FactorStack):
         self.stack = stack
-        self.a, self.b = torch.zeros_like(stack.a), torch.zeros_like(stack.b)  # (L, k, G, m), (L, k, G, n)
+        self.side = 0 if stack.a.shape[-1] <= stack.b.shape[-1] else 1  # a (L, k, G, m) or b (L, k, G, n)
+        self.source = (stack.a, stack.b)[self.side]
+        self.buffer = torch.zeros_like(self.source)
+        self.factors = (self.buffer, stack.b) if self.side == 0 else (stack.a, self.buffer)
         self.ranks = torch.zeros(stack.s.shape[:2], dtype=torch.long, device=stack.s.device)  # (L, G)
         self.views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (module, width) -> views
 
     def update(self, ranks: torch.Tensor) -> dict[str, tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]:
-        """Set every head's rank (``(L, G)``): only the columns between its old and new rank are
-        written, one gather and one fill per factor for the whole stack. Returns each module's kept
-        columns, zero-padded to its width (views made once per module and width), and its ranks."""
-        column = torch.arange(self.a.shape[1], device=ranks.device)[None, :, None]  # (1, k, 1)
+        """Set every head's rank (``(L, G)``): only the zeroed side's columns between its old and new
+        rank are written, one gather and one fill for the whole stack. Returns each module's kept
+        columns, padded to its width (views made once per module and width), and its ranks."""
+        column = torch.arange(self.buffer.shape[1], device=ranks.device)[None, :, None]  # (1, k, 1)
         old, new = self.ranks[:, None, :], ranks[:, None, :]  # (L, 1, G): rows (l, j, g) of the stack
         copy = ((column >= old) & (column < new)).flatten().nonzero().squeeze(1)
         zero = ((column >= new) & (column < old)).flatten().nonzero().squeeze(1)
-        for buffer, source in ((self.a, self.stack.a), (self.b, self.stack.b)):
-            rows = buffer.view(-1, buffer.shape[-1])
-            rows.index_copy_(0, copy, source.view(-1, source.shape[-1]).index_select(0, copy))
-            rows.index_fill_(0, zero, 0)
+        rows, source = self.buffer.flatten(0, 2), self.source.flatten(0, 2)
+        rows.index_copy_(0, copy, source.index_select(0, copy))
+        rows.index_fill_(0, zero, 0)
         self.ranks = ranks
         views = {}
         for layer, (name, heads) in enumerate(zip(self.stack.names, ranks.tolist())):
             width = padded_width(heads)
             kept = self.views.get((name, width))
             if kept is None:
-                kept = self.views[name, width] = tuple(t[layer].permute(1, 2, 0)[..., :width] for t in (self.a, self.b))
+                kept = self.views[name, width] = tuple(t[layer].permute(1, 2, 0)[..., :width] for t in self.factors)
             views[name] = kept, heads
         return views
 
@@ -463,11 +474,7 @@ def select_columns(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor,
     ranks = kept.sum(dim=1)  # (G,)
     width = padded_width(ranks.tolist())
     if _leading(kept, ranks, score):
-        a_kept, b_kept = a[..., :width], b[..., :width]  # (G, m, w), (G, n, w): views
-        if (ranks == width).all():
-            return a_kept, b_kept
-        live = (torch.arange(width, device=ranks.device)[None] < ranks[:, None]).to(a)[:, None, :]  # (G, 1, w)
-        return a_kept * live, b_kept * live
+        return zero_padding(a[..., :width], b[..., :width], ranks)  # (G, m, w), (G, n, w)
     order = torch.argsort(score.masked_fill(~kept, -math.inf), dim=1, descending=True, stable=True)[:, :width]
     live = (torch.arange(width, device=ranks.device)[None] < ranks[:, None]).to(a.dtype)  # (G, w)
     idx = order.to(a.device)[:, None, :]  # (G, 1, w)
@@ -475,6 +482,16 @@ def select_columns(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor,
     a_kept = a.gather(2, idx.expand(-1, a.shape[1], -1)) * live
     b_kept = b.gather(2, idx.expand(-1, b.shape[1], -1)) * live
     return a_kept, b_kept
+
+
+def zero_padding(a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` ``(G, m, w)`` and ``b`` ``(G, n, w)`` with each group's columns past ``ranks[g]`` zeroed on
+    both sides (new tensors), or the very same tensors when every group keeps all ``w``."""
+    ranks = torch.as_tensor(ranks, device=a.device)
+    if (ranks == a.shape[-1]).all():
+        return a, b
+    live = (torch.arange(a.shape[-1], device=a.device)[None] < ranks[:, None]).to(a)[:, None, :]  # (G, 1, w)
+    return a * live, b * live
 
 
 def _leading(kept: torch.Tensor, ranks: torch.Tensor, score: torch.Tensor) -> bool:

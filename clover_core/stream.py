@@ -30,7 +30,7 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .adapters import attention_modules
-from .checkpoint import CONFIG, _check_target, _replace, _save_processor, _update_config, read_config
+from .checkpoint import _check_target, _replace, _save_processor, _update_config, read_config
 from .decompose import Decomposition, ModuleDecomposition, PairDecomposition, decompose_module
 from .model_card import CARD, model_card
 from .prune import PruneConfig, plan, prune_module, pruning_meta, record, set_submodule

@@ -21,7 +21,6 @@ import os
 import tarfile
 import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import torch

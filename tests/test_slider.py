@@ -5,6 +5,7 @@ import torch
 
 import clover_core as cc
 from clover_core.checkpoint import load_pruned, save_pruned
+from clover_core.prune import zero_padding
 
 from .conftest import unet_inputs
 from .tolerances import SAME_MATH
@@ -17,13 +18,21 @@ CASES = [  # (mode, arguments) of one slider position
 ]
 
 
-def assert_same_weights(slid, pruned, dec):
-    """Every pair's factors equal, read back from the slider's rank-major modules and prune's head-major ones."""
+def assert_same_weights(slid, pruned, dec, *, exact_padding=False):
+    """Every pair's factors equal, read back from the slider's rank-major modules and prune's head-major
+    ones. Past a head's rank prune zeroes both sides of a pair, a slider one side only (the same
+    products): unless ``exact_padding`` (a saved slider), its padding is checked for that instead."""
     for name, md in dec.modules.items():
-        a, b = md.adapter.factors(slid.get_submodule(name)), md.adapter.factors(pruned.get_submodule(name))
+        module = slid.get_submodule(name)
+        a, b = md.adapter.factors(module), md.adapter.factors(pruned.get_submodule(name))
         assert a.keys() == b.keys()
         for pair in a:
-            assert all(torch.equal(x, y) for x, y in zip(a[pair], b[pair])), (name, pair)
+            (sa, sb), ranks = a[pair], module.clover_ranks[pair]
+            padding = torch.arange(sa.shape[-1])[None] >= torch.tensor(ranks)[:, None]  # (G, w)
+            if not exact_padding:
+                assert not (sa.abs().sum(1) * sb.abs().sum(1))[padding].any(), (name, pair)  # one side is zero
+                sa, sb = zero_padding(sa, sb, ranks)
+            assert torch.equal(sa, b[pair][0]) and torch.equal(sb, b[pair][1]), (name, pair)
     assert slid.config.clover["ranks"] == pruned.config.clover["ranks"]
 
 
@@ -64,7 +73,7 @@ def test_slider_matches_prune(make_gpt2, make_whisper, make_llama, make_unet, to
     slid = slider(0.4, target=target, mode="global")
     pruned = cc.prune(dec, 0.4, target=target, method=method, mode="global")
     again = load_pruned(save_pruned(slid, tmp_path / arch))
-    assert_same_weights(again, pruned, dec)
+    assert_same_weights(again, pruned, dec, exact_padding=True)
     torch.testing.assert_close(run(again, inputs), run(pruned, inputs), **SAME_MATH)
     torch.testing.assert_close(run(slid, inputs), run(pruned, inputs), **SAME_MATH)
     for k, v in model.state_dict().items():  # the original is untouched
@@ -138,7 +147,7 @@ def test_ragged_moves_update_one_buffer_in_place(make_gpt2, tokens, mode, values
     zero-padded buffers (only the columns that changed) instead of allocating new weights."""
     dec = cc.decompose(make_gpt2("5x8"))
     slider = cc.Slider(dec)
-    storages = set()
+    storages, padded, unwritten = set(), 0, 0
     for value in values:
         kw = dict(threshold=value) if mode == "threshold" else dict(ratio=value)
         slid = slider(target="both", mode=mode, **kw)
@@ -147,4 +156,11 @@ def test_ragged_moves_update_one_buffer_in_place(make_gpt2, tokens, mode, values
         torch.testing.assert_close(run(slid, {"input_ids": tokens}), run(pruned, {"input_ids": tokens}), **SAME_MATH)
         attn = slid.transformer.h[1].attn
         storages |= {attn.q_proj.weight.untyped_storage().data_ptr(), attn.k_proj.weight.untyped_storage().data_ptr()}
-    assert len(storages) == 2  # the Q-K pair's two buffers, whatever the ranks
+        md = dec.modules["transformer.h.1.attn"]
+        (a, b), ranks = md.adapter.factors(attn)["qk"], attn.clover_ranks["qk"]
+        padding = torch.arange(a.shape[-1])[None] >= torch.tensor(ranks)[:, None]  # (G, w)
+        padded += int(padding.any())
+        assert not a.abs().sum(1)[padding].any()  # the zeroed side: Q (as narrow as K, and first)
+        unwritten += int(padding.any() and b.abs().sum(1)[padding].all())  # K's columns are the decomposition's, never written
+    assert len(storages) == 2  # Q's buffer and K's stacked factors, whatever the ranks
+    assert padded and unwritten == padded

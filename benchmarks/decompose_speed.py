@@ -130,7 +130,6 @@ def time_decompose(name: str, device: torch.device) -> None:
     params = sum(p.numel() for p in model.parameters())
     seconds = timed(lambda: cc.decompose(model), device, repeats=1, warmup=0)
     print(f"  decompose() on the full {name} model ({params / 1e9:.2f}B parameters): {seconds:.2f} s")
-    del model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,7 +78,6 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
                 times.append(timed_move(slider, start, ratio, device, args.repeats, target=target, mode=mode))
             print(f"    {mode:<8} {ratio:<5}" + "".join(f"   {t:8.4f} s ({100 * t / t_dec:5.2f}%)" for t in times))
     print(f"  (Slider jump: moved from the ratio {MOVE_FROM}; step: from the ratio {STEP} below, the app's step)")
-    del dec, model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "PruneConfig",
     "Slider",
     "decompose",
+    "finetune",
     "load_model",
     "load_pruned",
     "orthogonalize",

@@ -10,9 +10,9 @@ WORKDIR /home/clover/app
 # The CPU build of torch first, so the range in requirements.txt is already met and no CUDA build is
 # pulled in; for a GPU image: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-COPY requirements.txt requirements-offline.txt ./
+COPY requirements.txt requirements-offline.txt constraints.txt ./
 RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" "torch>=2.4,<3" \
-    && pip install --no-cache-dir -r requirements.txt \
+    && pip install --no-cache-dir -c constraints.txt -r requirements.txt \
     && pip install --no-cache-dir --no-deps -r requirements-offline.txt
 
 # Only what the app runs on (no .venv, .git or tests in the image).

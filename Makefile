@@ -19,10 +19,12 @@ chromium:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; \
 	} || { echo "error: the browser test needs Debian's chromium; install it with: sudo apt-get install chromium" >&2; exit 1; }
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-offline.txt
+# constraints.txt: the exact versions the suite last passed with (a new upstream release cannot
+# change what these commands install).
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-offline.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-offline.txt
 	touch $@
 

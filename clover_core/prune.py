@@ -316,8 +316,8 @@ class _RaggedStack:
     """A :class:`FactorStack`'s factors with every head's columns past its rank zeroed on one side of
     the pair, kept up to date in place; its modules' kept columns are views of them.
 
-    Zeroing one side is enough: a direction whose left column is zero adds nothing, whatever its right
-    column holds, so every head's product is exact. The zeroed side is the narrower one (its rows are
+    Zeroing one side is enough: a direction whose column is zero on either side adds nothing, whatever
+    the other side holds, so every head's product is exact. The zeroed side is the narrower one (its rows are
     what a move copies); the other side is a view of the stack's factors, never written."""
 
     def __init__(self, stack: FactorStack):

@@ -92,9 +92,8 @@ def step_times(models: list, batch: int, prompt: int, device: torch.device, repe
     best = [float("inf")] * len(models)
     for _ in range(repeats):
         for i, model in enumerate(models):
-            cache = copy.deepcopy(caches[i])
-            best[i] = min(best[i], timed(lambda: model(token, **with_cache(model, cache), use_cache=True), device,
-                                         repeats=1, warmup=0))
+            kwargs = with_cache(model, copy.deepcopy(caches[i]))  # (outside the timed call)
+            best[i] = min(best[i], timed(lambda: model(token, **kwargs, use_cache=True), device, repeats=1, warmup=0))
     return best
 
 

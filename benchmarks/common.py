@@ -84,12 +84,6 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warm
     return best
 
 
-def output_cache(out) -> object:
-    """The KV cache a forward pass returned (``cache`` from transformers 5.24, ``past_key_values`` before)."""
-    cache = getattr(out, "cache", None)
-    return out.past_key_values if cache is None else cache
-
-
 def with_cache(model: nn.Module, cache: object) -> dict:
     """The keyword that hands ``model`` a KV cache, under the name its transformers version uses."""
     return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}

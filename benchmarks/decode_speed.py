@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (MODELS, add_device_args, build_model, output_cache, setup_device, timed,  # noqa: E402
-                               with_cache)
+from benchmarks.common import MODELS, add_device_args, build_model, setup_device, timed, with_cache  # noqa: E402
 
 import clover_core as cc  # noqa: E402
-from clover_core.metrics import kv_cache_bytes_per_token, parameter_count  # noqa: E402
+from clover_core.metrics import kv_cache_bytes_per_token, output_cache, parameter_count  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

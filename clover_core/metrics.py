@@ -242,6 +242,12 @@ def parameter_count(model: nn.Module) -> int:
     return total - sum(getattr(m, "clover_padding", 0) for m in model.modules())
 
 
+def output_cache(out) -> object:
+    """The KV cache a forward pass returned (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 def kv_cache_bytes_per_token(model: nn.Module) -> int:
     """Bytes one generated token adds to the KV cache (true ranks, not padding), in the model's dtype.
 

@@ -322,10 +322,10 @@ class _RaggedStack:
 
     def __init__(self, stack: FactorStack):
         self.stack = stack
-        self.side = 0 if stack.a.shape[-1] <= stack.b.shape[-1] else 1  # a (L, k, G, m) or b (L, k, G, n)
-        self.source = (stack.a, stack.b)[self.side]
+        narrow_a = stack.a.shape[-1] <= stack.b.shape[-1]  # a (L, k, G, m), b (L, k, G, n)
+        self.source = stack.a if narrow_a else stack.b
         self.buffer = torch.zeros_like(self.source)
-        self.factors = (self.buffer, stack.b) if self.side == 0 else (stack.a, self.buffer)
+        self.factors = (self.buffer, stack.b) if narrow_a else (stack.a, self.buffer)
         self.ranks = torch.zeros(stack.s.shape[:2], dtype=torch.long, device=stack.s.device)  # (L, G)
         self.views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (module, width) -> views
 
@@ -476,12 +476,8 @@ def select_columns(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor,
     if _leading(kept, ranks, score):
         return zero_padding(a[..., :width], b[..., :width], ranks)  # (G, m, w), (G, n, w)
     order = torch.argsort(score.masked_fill(~kept, -math.inf), dim=1, descending=True, stable=True)[:, :width]
-    live = (torch.arange(width, device=ranks.device)[None] < ranks[:, None]).to(a.dtype)  # (G, w)
     idx = order.to(a.device)[:, None, :]  # (G, 1, w)
-    live = live.to(a.device)[:, None, :]
-    a_kept = a.gather(2, idx.expand(-1, a.shape[1], -1)) * live
-    b_kept = b.gather(2, idx.expand(-1, b.shape[1], -1)) * live
-    return a_kept, b_kept
+    return zero_padding(a.gather(2, idx.expand(-1, a.shape[1], -1)), b.gather(2, idx.expand(-1, b.shape[1], -1)), ranks)
 
 
 def zero_padding(a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,12 +16,6 @@ GPT2_SHAPES = {
 }
 
 
-def output_cache(out):
-    """The KV cache a forward pass returned (``cache`` from transformers 5.24, ``past_key_values`` before)."""
-    cache = getattr(out, "cache", None)
-    return out.past_key_values if cache is None else cache
-
-
 @pytest.fixture
 def make_gpt2():
     """Factory: a tiny random GPT-2 (vocab 97, 64 positions) with deterministic weights."""

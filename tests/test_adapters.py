@@ -5,9 +5,9 @@ import torch
 
 import clover_core as cc
 from clover_core.adapters import adapter_for
-from clover_core.metrics import kv_cache_bytes_per_token, parameter_count
+from clover_core.metrics import kv_cache_bytes_per_token, output_cache, parameter_count
 
-from .conftest import output_cache, unet_inputs
+from .conftest import unet_inputs
 from .tolerances import FP32
 
 FEATS = torch.randn(1, 8, 40, generator=torch.Generator().manual_seed(3))

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import clover_core as cc
-from clover_core.metrics import kv_cache_bytes_per_token, parameter_count
+from clover_core.metrics import kv_cache_bytes_per_token, output_cache, parameter_count
 
-from .conftest import output_cache
 from .tolerances import FP32
 
 MODES = [("uniform", dict(ratio=0.0)), ("global", dict(ratio=0.0))]

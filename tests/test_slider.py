@@ -18,6 +18,11 @@ CASES = [  # (mode, arguments) of one slider position
 ]
 
 
+def past_rank(ranks, width):
+    """``(G, width)``: True for each head's columns past its rank (its padding)."""
+    return torch.arange(width)[None] >= torch.tensor(ranks)[:, None]
+
+
 def assert_same_weights(slid, pruned, dec, *, exact_padding=False):
     """Every pair's factors equal, read back from the slider's rank-major modules and prune's head-major
     ones. Past a head's rank prune zeroes both sides of a pair, a slider one side only (the same
@@ -28,7 +33,7 @@ def assert_same_weights(slid, pruned, dec, *, exact_padding=False):
         assert a.keys() == b.keys()
         for pair in a:
             (sa, sb), ranks = a[pair], module.clover_ranks[pair]
-            padding = torch.arange(sa.shape[-1])[None] >= torch.tensor(ranks)[:, None]  # (G, w)
+            padding = past_rank(ranks, sa.shape[-1])
             if not exact_padding:
                 assert not (sa.abs().sum(1) * sb.abs().sum(1))[padding].any(), (name, pair)  # one side is zero
                 sa, sb = zero_padding(sa, sb, ranks)
@@ -158,7 +163,7 @@ def test_ragged_moves_update_one_buffer_in_place(make_gpt2, tokens, mode, values
         storages |= {attn.q_proj.weight.untyped_storage().data_ptr(), attn.k_proj.weight.untyped_storage().data_ptr()}
         md = dec.modules["transformer.h.1.attn"]
         (a, b), ranks = md.adapter.factors(attn)["qk"], attn.clover_ranks["qk"]
-        padding = torch.arange(a.shape[-1])[None] >= torch.tensor(ranks)[:, None]  # (G, w)
+        padding = past_rank(ranks, a.shape[-1])
         padded += int(padding.any())
         assert not a.abs().sum(1)[padding].any()  # the zeroed side: Q (as narrow as K, and first)
         unwritten += int(padding.any() and b.abs().sum(1)[padding].all())  # K's columns are the decomposition's, never written

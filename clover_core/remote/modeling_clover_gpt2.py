@@ -35,7 +35,7 @@ class CloverGPT2Attention(GPT2Attention):
 
     def forward(self, hidden_states, past_key_values=None, attention_mask=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, output_attentions=False, cache=None, **kwargs):
-        past_key_values = past_key_values if cache is None else cache  # transformers >= 5.24 names it cache
+        cache = past_key_values if cache is None else cache  # transformers >= 5.24 passes it as cache
         if encoder_hidden_states is not None:
             raise NotImplementedError("pruned GPT-2 cross-attention is not supported")
         h, rm = self.num_heads, self.rank_major
@@ -44,8 +44,7 @@ class CloverGPT2Attention(GPT2Attention):
         else:
             q, k, v = self.c_attn(hidden_states).split([h * self.qk_dim, h * self.qk_dim, h * self.v_dim], dim=2)
         q, k, v = to_heads(q, h, self.qk_dim, rm), to_heads(k, h, self.qk_dim, rm), to_heads(v, h, self.v_dim, rm)
-        if past_key_values is not None:  # q, k: (B, nh, T, qk); v: (B, nh, T, v)
-            cache = past_key_values
+        if cache is not None:  # q, k: (B, nh, T, qk); v: (B, nh, T, v)
             if isinstance(cache, EncoderDecoderCache):
                 cache = cache.self_attention_cache
             k, v = cache.update(k, v, self.layer_idx)

@@ -28,14 +28,14 @@ class CloverLlamaAttention(LlamaAttention):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
                 **kwargs):
-        past_key_values = past_key_values if cache is None else cache  # transformers >= 5.24 names it cache
+        cache = past_key_values if cache is None else cache  # transformers >= 5.24 passes it as cache
         bsz, seq = hidden_states.shape[:2]
         q = self.q_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(hidden_states).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = to_heads(self.v_proj(hidden_states), self.config.num_key_value_heads, self.v_dim, self.rank_major)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         out, weights = attend(self, q, k, v, attention_mask, self.scaling, self.attention_dropout, **kwargs)
         return self.o_proj(from_heads(out, self.rank_major)), weights  # (B, T, nh * v) -> (B, T, d)
 

@@ -31,10 +31,9 @@ class CloverWhisperAttention(WhisperAttention):
 
     def forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
                 output_attentions=False, cache=None, **kwargs):
-        past_key_values = past_key_values if cache is None else cache  # transformers >= 5.24 names it cache
         h, rm, cross = self.num_heads, self.rank_major, key_value_states is not None
         q = to_heads(self.q_proj(hidden_states) * self.scaling, h, self.qk_dim, rm)  # (B, nh, T, qk)
-        cache, reuse = past_key_values, False
+        cache, reuse = past_key_values if cache is None else cache, False  # transformers >= 5.24: cache
         if isinstance(cache, EncoderDecoderCache):
             reuse = cross and bool(cache.is_updated.get(self.layer_idx))
             if cross:

@@ -9,6 +9,8 @@ see ``benchmarks/decompose_speed.py``."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -28,7 +30,8 @@ GRAM_TOLERANCE = 2e-4
 
 
 def orthogonalize(
-    a: torch.Tensor, b: torch.Tensor, *, dtype: torch.dtype = torch.float32
+    a: torch.Tensor, b: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rewrite batched factor pairs in their singular-vector basis.
 
@@ -44,6 +47,9 @@ def orthogonalize(
         a: ``(G, m, k)`` left factors (one per head or KV group).
         b: ``(G, n, k)`` right factors; ``a[g] @ b[g].T`` is head g's product.
         dtype: the precision of the big GEMMs / QR (float32 or float64).
+        out: optional ``(a_out, b_out)``, shaped like ``a`` and ``b`` and of their dtypes and device,
+            with any strides (views of :class:`FactorStack` storage, say): the rotated factors are
+            written there, by the GEMMs themselves when ``dtype`` is the factors' own, and returned.
 
     Returns:
         ``(a_rot, b_rot, s)``: ``a_rot = U sqrt(S)`` and ``b_rot = V sqrt(S)``, both shaped like the
@@ -53,17 +59,23 @@ def orthogonalize(
 
     Raises:
         TypeError: non-floating factors or an unsupported compute dtype.
-        ValueError: mismatched batch or inner dimensions.
+        ValueError: mismatched batch or inner dimensions, or an ``out`` unlike the factors.
     """
     _check_factors(a, b, dtype)
+    if out is not None:
+        _check_out(a, b, out)
     ac, bc = a.to(dtype), b.to(dtype)
     ta, tb, s, ok = _gram_rotation(ac, bc)
-    a_rot, b_rot = ac @ ta.to(ac), bc @ tb.to(bc)  # (G, m, k), (G, n, k)
+    direct = out is not None and a.dtype == b.dtype == dtype  # the GEMMs write straight into ``out``
+    a_rot, b_rot = (torch.bmm(x, t.to(x), out=o) if direct else x @ t.to(x)  # (G, m, k), (G, n, k)
+                    for x, t, o in zip((ac, bc), (ta, tb), out or (None, None)))
     s = s.to(device=a.device, dtype=dtype)
     if not ok.all():
         bad = (~ok).nonzero().squeeze(1).to(a.device)
         a_rot[bad], b_rot[bad], s[bad] = _householder(ac[bad], bc[bad])
         log.debug("%d of %d groups took the Householder QR route", len(bad), len(ok))
+    if out is not None and not direct:
+        a_rot, b_rot = out[0].copy_(a_rot), out[1].copy_(b_rot)
     return a_rot.to(a.dtype), b_rot.to(b.dtype), s
 
 
@@ -170,6 +182,18 @@ def _check_factors(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None
                          "(need the same number of groups and the same head_dim)")
 
 
+def _check_out(a: torch.Tensor, b: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise TypeError("out must be a pair of tensors (a_out, b_out), shaped like the factors a and b")
+    for name, t, o in (("a", a, out[0]), ("b", b, out[1])):
+        if (o.shape, o.dtype, o.device) != (t.shape, t.dtype, t.device):
+            raise ValueError(f"out for factor {name} is {tuple(o.shape)} {o.dtype} on {o.device}; it must match "
+                             f"the factor: {tuple(t.shape)} {t.dtype} on {t.device}")
+        if any(o.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in (a, b)):
+            raise ValueError(f"out for factor {name} shares memory with the factors; the rotation cannot be "
+                             "written over its own input: pass new tensors")
+
+
 @dataclass
 class PairDecomposition:
     """One pair type (Q-K or V-O) of one attention module, orthogonalized.
@@ -217,16 +241,15 @@ class Decomposition:
         """Store every rotated factor rank-major, like the projections of a model re-pruned in place, so
         that keeping each head's first ``r`` directions is a slice of it (one copy, once; run by
         :class:`~clover_core.Slider` and ``prune(..., share_weights=True)``). The factors of modules
-        with equal shapes share one stacked tensor (see :meth:`stacks`). ``decompose`` itself writes
-        the GEMM's natural layout, the fastest."""
+        with equal shapes share one stacked tensor (see :meth:`stacks`). A no-op after
+        ``decompose(..., rank_major=True)``, which writes the factors there in the first place;
+        plain ``decompose`` writes the GEMM's natural layout."""
         if self._stacks is not None:
             return
-        groups: dict[tuple, list[tuple[str, PairDecomposition]]] = {}
-        for name, md in self.modules.items():
-            for pair, pd in md.pairs.items():
-                key = (pair, pd.a.shape, pd.b.shape, pd.a.dtype, pd.a.device)
-                groups.setdefault(key, []).append((name, pd))
-        self._stacks = [FactorStack.of(key[0], members) for key, members in groups.items()]
+        groups = _stack_groups((name, pair, pd.a, pd.b, pd.a.device) for name, md in self.modules.items()
+                               for pair, pd in md.pairs.items())
+        self._stacks = [FactorStack.of(key[0], [(name, self.modules[name].pairs[key[0]]) for name in names])
+                        for key, names in groups.items()]
 
     @property
     def stacks(self) -> list[FactorStack]:
@@ -268,26 +291,45 @@ class FactorStack:
     s: torch.Tensor  # (L, G, k) float32 singular values
 
     @classmethod
+    def empty(cls, pair: str, names: list[str], a_shape: torch.Size, b_shape: torch.Size, dtype: torch.dtype,
+              device: torch.device) -> FactorStack:
+        """Uninitialized storage for modules ``names`` whose factors are ``(G, m, k)`` and ``(G, n, k)``;
+        ``s`` is filled in by :meth:`of` or :func:`decompose`."""
+        a_stack, b_stack = (torch.empty(len(names), k, g, rows, dtype=dtype, device=device)
+                            for g, rows, k in (a_shape, b_shape))
+        return cls(pair, list(names), a_stack, b_stack, torch.empty(0))
+
+    def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module ``names[layer]``'s ``(G, m, k)`` and ``(G, n, k)`` factors: views of the stacks."""
+        return self.a[layer].permute(1, 2, 0), self.b[layer].permute(1, 2, 0)
+
+    @classmethod
     def of(cls, pair: str, members: list[tuple[str, PairDecomposition]]) -> FactorStack:
         """Copy the members' factors into the stack and point their ``PairDecomposition`` at it."""
         first = members[0][1]
-        stacks = [torch.empty(len(members), t.shape[2], t.shape[0], t.shape[1], dtype=t.dtype, device=t.device)
-                  for t in (first.a, first.b)]
+        stack = cls.empty(pair, [name for name, _ in members], first.a.shape, first.b.shape, first.a.dtype,
+                          first.a.device)
         for layer, (_, pd) in enumerate(members):
-            views = [stack[layer].permute(1, 2, 0) for stack in stacks]
+            views = stack.views(layer)
             for view, t in zip(views, (pd.a, pd.b)):
                 view.copy_(t)
             pd.a, pd.b = views
-        return cls(pair, [name for name, _ in members], *stacks, torch.stack([pd.s for _, pd in members]))
+        stack.s = torch.stack([pd.s for _, pd in members])
+        return stack
 
 
-def decompose(model: nn.Module, *, dtype: torch.dtype = torch.float32, progress: bool = False) -> Decomposition:
+def decompose(model: nn.Module, *, dtype: torch.dtype = torch.float32, progress: bool = False,
+              rank_major: bool = False) -> Decomposition:
     """Orthogonalize every supported attention module of ``model`` (the model is not modified).
 
     Args:
         model: a transformers / diffusers model with supported attention modules.
         dtype: precision of the QR/SVD, ``torch.float32`` (default) or ``torch.float64``.
         progress: show a progress bar over attention modules.
+        rank_major: write the rotated factors straight into the rank-major stacks that
+            :class:`~clover_core.Slider` and ``prune(..., share_weights=True)`` read (what
+            :meth:`Decomposition.use_rank_major` makes afterwards by copying every factor): the same
+            decomposition without that copy, or its second set of factors in memory while it runs.
 
     Returns:
         A reusable :class:`Decomposition`.
@@ -297,21 +339,53 @@ def decompose(model: nn.Module, *, dtype: torch.dtype = torch.float32, progress:
         TypeError: non-floating weights or an unsupported ``dtype``.
     """
     found = attention_modules(model)
-    modules = {name: decompose_module(name, module, adapter, dtype=dtype)
+    stacks, where = _planned_stacks(found) if rank_major else ([], {})
+    modules = {name: decompose_module(name, module, adapter, dtype=dtype, out=where.get(name))
                for name, module, adapter in _maybe_tqdm(found, progress, "decomposing attention")}
+    for stack in stacks:
+        stack.s = torch.stack([modules[name].pairs[stack.pair].s for name in stack.names])
     log.info("decomposed %d attention modules", len(modules))
-    return Decomposition(model, modules)
+    return Decomposition(model, modules, _stacks=stacks if rank_major else None)
+
+
+def _stack_groups(factors) -> dict[tuple, list[str]]:
+    """The stacks :meth:`Decomposition.use_rank_major` makes: ``{(pair, a's shape, b's shape, dtype,
+    device): module names}`` from ``(name, pair, a, b, device)`` in model order (pairs of one type
+    whose factors agree in shape, dtype and device share a stack), in order of first appearance."""
+    groups: dict[tuple, list[str]] = {}
+    for name, pair, a, b, device in factors:
+        groups.setdefault((pair, a.shape, b.shape, a.dtype, device), []).append(name)
+    return groups
+
+
+def _planned_stacks(found: list) -> tuple[list[FactorStack], dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """Empty rank-major stacks for every module's factors, and each module's views of them, planned from
+    copies of the modules on ``meta`` (shapes only: no weight is read or copied)."""
+    entries = []
+    for name, module, adapter in found:
+        tensors = list(itertools.chain(module.parameters(), module.buffers()))
+        shell = copy.deepcopy(module, {id(t): torch.empty_like(t, device="meta") for t in tensors})
+        entries += [(name, pair, a, b, tensors[0].device) for pair, (a, b) in adapter.factors(shell).items()]
+    stacks, where = [], {}
+    for (pair, a_shape, b_shape, dtype, device), names in _stack_groups(entries).items():
+        stack = FactorStack.empty(pair, names, a_shape, b_shape, dtype, device)
+        for layer, name in enumerate(names):
+            where.setdefault(name, {})[pair] = stack.views(layer)
+        stacks.append(stack)
+    return stacks, where
 
 
 @torch.no_grad()
-def decompose_module(name: str, module: nn.Module, adapter: Adapter, *,
-                     dtype: torch.dtype = torch.float32) -> ModuleDecomposition:
+def decompose_module(name: str, module: nn.Module, adapter: Adapter, *, dtype: torch.dtype = torch.float32,
+                     out: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ModuleDecomposition:
     """Orthogonalize the pairs of ONE attention module (what :func:`decompose` does for each).
 
     Args:
         name: the module's dotted name in its model.
         module: the attention module; adapter: its adapter.
         dtype: precision of the decomposition.
+        out: where to write each pair's rotated factors, ``{pair: (a_out, b_out)}`` (see
+            :func:`orthogonalize`); new tensors where absent.
 
     Returns:
         The module's :class:`ModuleDecomposition`.
@@ -322,7 +396,7 @@ def decompose_module(name: str, module: nn.Module, adapter: Adapter, *,
     _check_weights(name, module)
     md = ModuleDecomposition(name, adapter)
     for pair, (a, b) in adapter.factors(module).items():
-        a_rot, b_rot, s = orthogonalize(a, b, dtype=dtype)
+        a_rot, b_rot, s = orthogonalize(a, b, dtype=dtype, out=(out or {}).get(pair))
         md.pairs[pair] = PairDecomposition(a_rot, b_rot, s.float(), vanilla_scores(a, b))
     return md
 

@@ -166,7 +166,8 @@ def prune(model_or_dec: nn.Module | Decomposition, ratio: float | None = None, t
     if ratio is None and mode != "threshold":
         ratio = 0.0
     config = PruneConfig(ratio=ratio, target=target, method=method, mode=mode, threshold=threshold)
-    dec = model_or_dec if isinstance(model_or_dec, Decomposition) else decompose(_as_model(model_or_dec))
+    dec = (model_or_dec if isinstance(model_or_dec, Decomposition)
+           else decompose(_as_model(model_or_dec), rank_major=share_weights))
     return build(dec, plan(dec, config), config, share_weights=share_weights)
 
 
@@ -213,7 +214,8 @@ class Slider:
     Every call returns the SAME model object, re-pointed to the new ranks: no SVD, no copy of the
     model and, for CLOVER at a uniform ratio, no copy of any weight. The slider's attention modules
     lay their projections out rank-major, as the decomposition then stores its rotated factors
-    (:meth:`~clover_core.Decomposition.use_rank_major`, once), so keeping
+    (``cc.decompose(model, rank_major=True)`` writes them so; any other decomposition is converted by
+    :meth:`~clover_core.Decomposition.use_rank_major`, once, a copy of every factor), so keeping
     each head's best ``r`` directions is a slice of them (a view). Ragged per-head ranks (``global`` and
     ``threshold`` modes) zero each head's columns past its rank on the narrower side of the pair only
     (which keeps every product exact), in one buffer per stack of equal-shaped modules (made on first
@@ -230,7 +232,7 @@ class Slider:
 
     Example::
 
-        dec = cc.decompose(model)
+        dec = cc.decompose(model, rank_major=True)
         slider = cc.Slider(dec)               # method="clover" (or "vanilla")
         for ratio in (0.25, 0.5, 0.75):
             pruned = slider(ratio, target="qk")

@@ -173,8 +173,8 @@ class ModelCache:
         kind = model_kind(model, processor)
         (processor if kind == "diffusion" else model).to(self.device)
         _report(progress, 0.3, f"decomposing the attention of {name} (once per model)")
-        dec = decompose(model.eval(), progress=True)
-        dec.use_rank_major()  # pruned models (share_weights) slice the factors: convert once, before sharing
+        # pruned models (share_weights) slice the factors: written rank-major from the start
+        dec = decompose(model.eval(), progress=True, rank_major=True)
         originals = [t for name, md in dec.modules.items() for pair in md.pairs for t in dec.original(name, pair)]
         size = nbytes(processor if kind == "diffusion" else model) + nbytes(
             *[t for md in dec.modules.values() for pd in md.pairs.values() for t in (pd.a, pd.b)], *originals)

@@ -91,3 +91,51 @@ def test_decompose_float64_path(make_gpt2):
     dec = cc.decompose(model, dtype=torch.float64)
     pd = dec.modules["transformer.h.0.attn"].pairs["qk"]
     assert pd.a.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orthogonalize_writes_into_strided_out(dtype):
+    a, b = factors()
+    a[1, :, 3:] = a[1, :, :3].sum(-1, keepdim=True)  # rank-deficient: group 1 takes the QR route
+    storage = [torch.full((a.shape[2], a.shape[0], t.shape[1]), float("nan")) for t in (a, b)]
+    out = tuple(s.permute(1, 2, 0) for s in storage)  # rank-major views, as in a FactorStack
+    a2, b2, s2 = orthogonalize(a, b, dtype=dtype, out=out)
+    assert a2.data_ptr() == out[0].data_ptr() and b2.data_ptr() == out[1].data_ptr()
+    a1, b1, s1 = orthogonalize(a, b, dtype=dtype)  # the same GEMMs, only the output strides differ
+    for x, y in ((a2, a1), (b2, b1), (s2, s1)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a2[1] @ b2[1].T, a[1] @ b[1].T, **FP32)  # the QR route's group too
+    assert not any(s.isnan().any() for s in storage)
+
+
+def test_orthogonalize_refuses_an_unfit_out():
+    a, b = factors()
+    with pytest.raises(ValueError, match=r"out for factor b is \(4, 29, 4\)"):
+        orthogonalize(a, b, out=(torch.empty_like(a), torch.empty(4, 29, 4)))
+    with pytest.raises(ValueError, match="float64"):
+        orthogonalize(a, b, out=(torch.empty_like(a, dtype=torch.float64), torch.empty_like(b)))
+    with pytest.raises(ValueError, match="shares memory"):
+        orthogonalize(a, b, out=(a, torch.empty_like(b)))
+    with pytest.raises(TypeError, match="pair of tensors"):
+        orthogonalize(a, b, out=torch.empty_like(a))
+
+
+@pytest.mark.parametrize("kind,dtype", [("gpt2", torch.float32), ("llama", torch.float32),
+                                        ("whisper", torch.float32), ("gpt2", torch.float16)])
+def test_rank_major_decompose_equals_the_converted_one(kind, dtype, make_gpt2, make_llama, make_whisper):
+    model = {"gpt2": lambda: make_gpt2("5x8"), "llama": make_llama, "whisper": make_whisper}[kind]().to(dtype)
+    converted = cc.decompose(model)
+    converted.use_rank_major()
+    direct = cc.decompose(model, rank_major=True)
+    assert [(st.pair, st.names) for st in direct.stacks] == [(st.pair, st.names) for st in converted.stacks]
+    for st, ref in zip(direct.stacks, converted.stacks):
+        for x, y in ((st.a, ref.a), (st.b, ref.b), (st.s, ref.s)):
+            assert x.shape == y.shape and x.dtype == y.dtype
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+        for layer, name in enumerate(st.names):  # every pair reads its stack's storage
+            pd = direct.modules[name].pairs[st.pair]
+            assert (pd.a.data_ptr(), pd.b.data_ptr()) == tuple(v.data_ptr() for v in st.views(layer))
+            torch.testing.assert_close(pd.s, st.s[layer], rtol=0, atol=0)
+    stacks = direct.stacks
+    direct.use_rank_major()  # already rank-major: nothing to convert
+    assert direct.stacks is stacks

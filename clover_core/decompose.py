@@ -67,8 +67,8 @@ def orthogonalize(
     ac, bc = a.to(dtype), b.to(dtype)
     ta, tb, s, ok = _gram_rotation(ac, bc)
     direct = out is not None and a.dtype == b.dtype == dtype  # the GEMMs write straight into ``out``
-    a_rot, b_rot = (torch.bmm(x, t.to(x), out=o) if direct else x @ t.to(x)  # (G, m, k), (G, n, k)
-                    for x, t, o in zip((ac, bc), (ta, tb), out or (None, None)))
+    a_out, b_out = out if direct else (None, None)
+    a_rot, b_rot = torch.bmm(ac, ta.to(ac), out=a_out), torch.bmm(bc, tb.to(bc), out=b_out)  # (G, m, k), (G, n, k)
     s = s.to(device=a.device, dtype=dtype)
     if not ok.all():
         bad = (~ok).nonzero().squeeze(1).to(a.device)

@@ -84,6 +84,14 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warm
     return best
 
 
+def cpu_split(fn: Callable[[], object]) -> tuple[float, float]:
+    """User and system CPU seconds of one run of ``fn`` (this process, every thread)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+
+
 def with_cache(model: nn.Module, cache: object) -> dict:
     """The keyword that hands ``model`` a KV cache, under the name its transformers version uses."""
     return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}

@@ -61,11 +61,18 @@ def orthogonalize(
         TypeError: non-floating factors or an unsupported compute dtype.
         ValueError: mismatched batch or inner dimensions, or an ``out`` unlike the factors.
     """
+    return _orthogonalize(a, b, dtype, out)[:3]
+
+
+def _orthogonalize(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
+                   out: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    """:func:`orthogonalize`, plus the :func:`vanilla_scores` of the un-rotated columns, read off the
+    diagonals of the Gram matrices it computes anyway (no pass of their own over the factors)."""
     _check_factors(a, b, dtype)
     if out is not None:
         _check_out(a, b, out)
     ac, bc = a.to(dtype), b.to(dtype)
-    ta, tb, s, ok = _gram_rotation(ac, bc)
+    ta, tb, s, ok, vanilla = _gram_rotation(ac, bc)
     direct = out is not None and a.dtype == b.dtype == dtype  # the GEMMs write straight into ``out``
     a_out, b_out = out if direct else (None, None)
     a_rot, b_rot = torch.bmm(ac, ta.to(ac), out=a_out), torch.bmm(bc, tb.to(bc), out=b_out)  # (G, m, k), (G, n, k)
@@ -76,7 +83,7 @@ def orthogonalize(
         log.debug("%d of %d groups took the Householder QR route", len(bad), len(ok))
     if out is not None and not direct:
         a_rot, b_rot = out[0].copy_(a_rot), out[1].copy_(b_rot)
-    return a_rot.to(a.dtype), b_rot.to(b.dtype), s
+    return a_rot.to(a.dtype), b_rot.to(b.dtype), s, vanilla.to(device=a.device, dtype=torch.float32)
 
 
 def _rank_major_copy(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +100,8 @@ def _gram_rotation(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]
     ``T_a = R_a^-1 U S^1/2`` and ``T_b = R_a^T U S^-1/2`` (then ``T_a T_b^T = I``, so the product is
     kept exactly whatever the rounding in ``U``). ``B`` needs no factorization of its own.
 
-    Returns ``(T_a, T_b, s, ok)`` in float64 on the CPU; ``ok[g]`` is False where group g needs QR.
+    Returns ``(T_a, T_b, s, ok, vanilla)`` in float64 on the CPU; ``ok[g]`` is False where group g
+    needs QR; ``vanilla`` holds the products of the factors' column norms (the Gram diagonals).
     """
     gram_a, gram_b = _gram(a), _gram(b)  # (G, k, k) float64 on the CPU
     ra, info = torch.linalg.cholesky_ex(gram_a, upper=True)
@@ -110,7 +118,8 @@ def _gram_rotation(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]
     ok &= _gram_route_accurate(ra_inv_u.square().sum(-1), gram_a, a.dtype)
     ok &= _gram_route_accurate((ra_t_u.square() @ lam.reciprocal().unsqueeze(-1)).squeeze(-1), gram_b, b.dtype)
     root = s.sqrt().unsqueeze(1)  # (G, 1, k)
-    return ra_inv_u * root, ra_t_u / root, s, ok
+    vanilla = (gram_a.diagonal(dim1=-2, dim2=-1) * gram_b.diagonal(dim1=-2, dim2=-1)).sqrt()
+    return ra_inv_u * root, ra_t_u / root, s, ok, vanilla
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -396,8 +405,8 @@ def decompose_module(name: str, module: nn.Module, adapter: Adapter, *, dtype: t
     _check_weights(name, module)
     md = ModuleDecomposition(name, adapter)
     for pair, (a, b) in adapter.factors(module).items():
-        a_rot, b_rot, s = orthogonalize(a, b, dtype=dtype, out=(out or {}).get(pair))
-        md.pairs[pair] = PairDecomposition(a_rot, b_rot, s.float(), vanilla_scores(a, b))
+        a_rot, b_rot, s, vanilla = _orthogonalize(a, b, dtype, (out or {}).get(pair))
+        md.pairs[pair] = PairDecomposition(a_rot, b_rot, s.float(), vanilla)
     return md
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import clover_core as cc
+from clover_core.adapters.base import split_heads
 from clover_core.decompose import orthogonalize, vanilla_scores
 
 from .tolerances import FP32, FP32_FACTOR_REL, FP64
@@ -139,3 +140,30 @@ def test_rank_major_decompose_equals_the_converted_one(kind, dtype, make_gpt2, m
     stacks = direct.stacks
     direct.use_rank_major()  # already rank-major: nothing to convert
     assert direct.stacks is stacks
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "whisper"])
+def test_vanilla_scores_of_a_decomposition_are_the_column_norm_products(kind, make_gpt2, make_llama, make_whisper):
+    model = {"gpt2": lambda: make_gpt2("5x8"), "llama": make_llama, "whisper": make_whisper}[kind]()
+    dec = cc.decompose(model)
+    for name, md in dec.modules.items():
+        for pair, (a, b) in md.adapter.factors(model.get_submodule(name)).items():
+            vanilla = md.pairs[pair].vanilla
+            assert vanilla.dtype == torch.float32
+            torch.testing.assert_close(vanilla, vanilla_scores(a, b), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("rank_major", [False, True])
+def test_split_heads_folds_the_bias_and_keeps_the_weight_layout(bias, layout, rank_major):
+    d, n, k = 7, 3, 4
+    linear = torch.nn.Linear(d, n * k, bias=bias)
+    weight = linear.weight.detach().T if layout == "linear" else linear.weight.detach().T.contiguous()  # (d, n*k)
+    folded = torch.cat([weight, linear.bias.detach()[None] if bias else torch.zeros(1, n * k)])
+    expected = (folded.view(d + 1, k, n).permute(2, 0, 1) if rank_major
+                else folded.view(d + 1, n, k).permute(1, 0, 2))
+    got = split_heads(weight, linear.bias if bias else None, n, rank_major=rank_major)
+    assert torch.equal(got, expected)
+    assert got.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()  # a copy, not a view
+    assert (got.stride(1) == 1) == (layout == "linear")  # nn.Linear: each head's columns contiguous

@@ -49,10 +49,19 @@ def split_heads(weight: torch.Tensor, bias: torch.Tensor | None, n_heads: int, *
 
     Features are head-major (``h * k + j``, the original models) or, for pruned modules, rank-major
     (``j * n + h``). A missing bias becomes a zero row, so the folded form is exact for every module.
+    The copy keeps ``weight``'s memory order (``nn.Linear`` stores ``W.T``): a straight copy, not a
+    transposing one, and each head's columns stay contiguous for the decomposition's Gram GEMMs.
     """
     d, width = weight.shape
-    row = torch.zeros(1, width, dtype=weight.dtype, device=weight.device) if bias is None else bias[None]
-    folded = torch.cat([weight, row], dim=0)  # (d + 1, n * k)
+    transposed = weight.stride(0) == 1 and weight.stride(1) != 1  # W.T of an nn.Linear
+    shape = (width, d + 1) if transposed else (d + 1, width)
+    buffer = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+    folded = buffer.T if transposed else buffer  # (d + 1, n * k)
+    folded[:d].copy_(weight)
+    if bias is None:
+        folded[d].zero_()
+    else:
+        folded[d].copy_(bias)
     if rank_major:
         return folded.view(d + 1, width // n_heads, n_heads).permute(2, 0, 1)  # (n, d + 1, k)
     return folded.view(d + 1, n_heads, width // n_heads).permute(1, 0, 2)  # (n, d + 1, k)

@@ -24,6 +24,7 @@ from benchmarks.common import MODELS, add_device_args, build_model, setup_device
 
 import clover_core as cc  # noqa: E402
 from clover_core.metrics import kv_cache_bytes_per_token, output_cache, parameter_count  # noqa: E402
+from clover_core.remote.clover_attention import fused_widths  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,14 +98,18 @@ def step_times(models: list, batch: int, prompt: int, device: torch.device, repe
 
 
 def sdpa_kernels(model: torch.nn.Module, device: torch.device, seq: int = 256) -> str:
-    """Which fused CUDA attention kernels accept the first attention layer's q/k/v widths (the others
-    fall back to the unfused math kernel). Pruned widths differ between q/k and v, which rules out
-    flash attention; memory-efficient attention needs widths aligned to 8 elements in half precision."""
+    """Which fused CUDA attention kernels accept the q/k/v widths the first attention layer hands SDPA
+    (the others fall back to the unfused math kernel). Pruned widths differ between q/k and v, which
+    rules out flash attention; memory-efficient attention needs widths aligned to 8 elements in half
+    precision, which pruned layers reach by zero-padding (``fused_widths``)."""
     attn = next(m for m in model.modules() if hasattr(m, "num_heads") or hasattr(m, "num_key_value_groups"))
     cfg = model.config
     heads = getattr(attn, "num_heads", None) or cfg.num_attention_heads
     head = getattr(attn, "head_dim", None) or cfg.hidden_size // heads
     qk, v = getattr(attn, "qk_dim", head), getattr(attn, "v_dim", head)
+    pruned = f"qk {qk}, v {v}"
+    if hasattr(attn, "qk_dim") or hasattr(attn, "v_dim"):  # a CLOVER module: its attention pads the widths
+        qk, v = fused_widths(qk, v, device.type)
     dtype = next(model.parameters()).dtype
     q, k = (torch.zeros(1, heads, seq, qk, device=device, dtype=dtype) for _ in range(2))
     val = torch.zeros(1, heads, seq, v, device=device, dtype=dtype)
@@ -116,7 +121,7 @@ def sdpa_kernels(model: torch.nn.Module, device: torch.device, seq: int = 256) -
               "mem-efficient": torch.backends.cuda.can_use_efficient_attention,
               "cudnn": getattr(torch.backends.cuda, "can_use_cudnn_attention", None)}
     usable = [name for name, check in checks.items() if check is not None and check(params, False)]
-    return f"qk {qk}, v {v}: " + (", ".join(usable) or "none (math fallback)")
+    return f"{pruned} (SDPA sees qk {qk}, v {v}): " + (", ".join(usable) or "none (math fallback)")
 
 
 def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None:

@@ -193,3 +193,46 @@ def test_unequal_widths_take_fast_exact_routes_on_cpu(make_llama, make_gpt2, arc
     assert torch.equal(fast.sequences, slow.sequences)
     for a, b in zip(fast.scores, slow.scores):
         torch.testing.assert_close(a, b, **FP32)
+
+
+def test_fused_widths_per_device():
+    from clover_core.remote.clover_attention import fused_widths
+
+    assert fused_widths(12, 16, "cpu") == (16, 16) and fused_widths(16, 16, "cpu") == (16, 16)
+    assert fused_widths(12, 16, "cuda") == (16, 16)
+    assert fused_widths(13, 64, "cuda") == (16, 64)
+    assert fused_widths(40, 64, "cuda") == (40, 64)  # unequal but divisible by 8: kept as they are
+    assert fused_widths(20, 12, "mps") == (20, 12)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cuda_rule_pads_widths_to_multiples_of_8_exactly(make_llama, make_gpt2, arch, monkeypatch):
+    """The CUDA branch of the attention, run on CPU tensors: pruned widths (Llama's V-O 4 of 8, GPT-2's
+    Q-K 12 of 16) reach SDPA zero-padded to multiples of 8, and the model equals the eager one."""
+    import copy
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from clover_core.remote import clover_attention
+
+    model, target, ratio = (make_llama(), "vo", 0.5) if arch == "llama" else (make_gpt2("3x16"), "qk", 0.25)
+    pruned = cc.prune(model, ratio=ratio, target=target)
+    eager = copy.deepcopy(pruned)
+    eager.config._attn_implementation = "eager"
+    rule = clover_attention.fused_widths
+    monkeypatch.setattr(clover_attention, "fused_widths", lambda qk, v, _device: rule(qk, v, "cuda"))
+    widths, sdpa = [], ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(module, q, k, v, *args, **kwargs):
+        widths.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return sdpa(module, q, k, v, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", spy)
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, eager(ids).logits, **FP32)
+        fast, slow = pruned.generate(ids, **kw), eager.generate(ids, **kw)
+    assert widths and all(w % 8 == 0 for triple in widths for w in triple)
+    assert {triple[0] for triple in widths} == {8 if arch == "llama" else 16}
+    assert torch.equal(fast.sequences, slow.sequences)

@@ -25,8 +25,25 @@ def padded_width(ranks: list[int]) -> int:
 
 
 # Decoding with unequal widths on the CPU: padding the narrower cache side for the fused kernel beats
-# eager attention's fixed per-op cost below about 200 KiB of that side (measured on a 2-core EPYC).
+# eager attention's fixed per-op cost below about 200 KiB of that side (measured on a 2-core EPYC; CUDA
+# follows the same rule, not measured there).
 PAD_CACHE_BYTES = 192 * 1024
+
+# torch's fused CUDA attention (the memory-efficient kernel, the one that takes a value width unlike the
+# query/key width) needs both widths divisible by 8 in half precision (4 in float32) on sm80 and newer;
+# other widths fall back to the unfused math path (torch's ``check_head_dim_size_mem_efficient``).
+CUDA_WIDTH_MULTIPLE = 8
+
+
+def fused_widths(qk: int, v: int, device_type: str) -> tuple[int, int]:
+    """The query/key and value widths torch's fused SDPA kernels take on ``device_type``: equal widths
+    on the CPU; multiples of :data:`CUDA_WIDTH_MULTIPLE` on CUDA. Pruned widths are zero-padded up to
+    them (exact), or kept where they already fit."""
+    if device_type == "cpu":
+        return (max(qk, v),) * 2
+    if device_type == "cuda":
+        return tuple(-(-w // CUDA_WIDTH_MULTIPLE) * CUDA_WIDTH_MULTIPLE for w in (qk, v))
+    return qk, v
 
 
 def to_heads(x: torch.Tensor, heads: int, width: int, rank_major: bool = False) -> torch.Tensor:
@@ -80,11 +97,12 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The model's configured attention implementation (SDPA by default) with an explicit ``scaling``;
     returns ``(out, weights)`` with ``out`` shaped ``(B, T, nh, v_dim)``.
 
-    On the CPU, torch's fused SDPA kernel needs the value width to equal the query/key width; pruned
-    heads often differ, and SDPA's fallback (its math path, which also repeats the KV cache for every
-    query group) is 3-10x slower. So there the narrower side is zero-padded to the wider one (exact: a
-    zero feature adds nothing) and the fused kernel runs, except when one new token (decoding) meets a
-    cache too large to copy cheaply: that step takes :func:`eager_attention`, which reads the cache once.
+    torch's fused SDPA kernels take only some widths (:func:`fused_widths`): on the CPU the value width
+    must equal the query/key width, on CUDA both must be multiples of 8. Pruned heads often miss, and
+    SDPA's fallback (its math path, which also repeats the KV cache for every query group) is 3-10x
+    slower on the CPU. So the widths are zero-padded up to ones the kernels take (exact: a zero feature
+    adds nothing), except when one new token (decoding) meets a cache too large to copy cheaply: that
+    step takes :func:`eager_attention`, which reads the cache once.
     """
     impl = getattr(module.config, "_attn_implementation", "eager") or "eager"
     dropout = dropout if module.training else 0.0
@@ -92,14 +110,15 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return eager_attention(module, q, k, v, mask, scaling, dropout=dropout)
     kwargs.pop("output_attentions", None)
     width, qk = v.shape[-1], q.shape[-1]
-    if impl == "sdpa" and q.device.type == "cpu" and width != qk:
-        narrow = v if width < qk else k  # the cache side that padding would copy
-        if q.shape[-2] == 1 and narrow.numel() * narrow.element_size() > PAD_CACHE_BYTES:
+    qk_to, v_to = fused_widths(qk, width, q.device.type) if impl == "sdpa" else (qk, width)
+    if (qk_to, v_to) != (qk, width):
+        copied = [t for t, short in ((k, qk_to != qk), (v, v_to != width)) if short]  # cache sides to pad
+        if q.shape[-2] == 1 and sum(t.numel() * t.element_size() for t in copied) > PAD_CACHE_BYTES:
             return eager_attention(module, q, k, v, mask, scaling, dropout=dropout)
-        if width < qk:
-            v = nn.functional.pad(v, (0, qk - width))
-        else:
-            q, k = nn.functional.pad(q, (0, width - qk)), nn.functional.pad(k, (0, width - qk))
+        if qk_to != qk:
+            q, k = nn.functional.pad(q, (0, qk_to - qk)), nn.functional.pad(k, (0, qk_to - qk))
+        if v_to != width:
+            v = nn.functional.pad(v, (0, v_to - width))
         out, weights = ALL_ATTENTION_FUNCTIONS[impl](module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
         return out[..., :width], weights
     return ALL_ATTENTION_FUNCTIONS[impl](module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)

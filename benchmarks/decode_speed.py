@@ -16,6 +16,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -24,6 +25,7 @@ from benchmarks.common import MODELS, add_device_args, build_model, setup_device
 
 import clover_core as cc  # noqa: E402
 from clover_core.metrics import kv_cache_bytes_per_token, output_cache, parameter_count  # noqa: E402
+from clover_core.remote import clover_attention  # noqa: E402
 from clover_core.remote.clover_attention import fused_widths  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +50,27 @@ def variants(model: torch.nn.Module, ratio: float) -> list[tuple[str, torch.nn.M
     return [("original", model)] + [
         (f"clover {target} {mode} {ratio}", cc.prune(dec, ratio=ratio, target=target, mode=mode))
         for mode in ("uniform", "global")]
+
+
+class Unpadded:
+    """A pruned model whose attention hands SDPA its widths as they are, without the zero-padding that
+    :func:`fused_widths` asks for (the baseline that padding is measured against); otherwise the model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def _unpadded(self, fn, *args, **kwargs):
+        with mock.patch.object(clover_attention, "fused_widths", lambda qk, v, _device: (qk, v)):
+            return fn(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._unpadded(self.model, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self._unpadded(self.model.generate, *args, **kwargs)
 
 
 def measured_kv_bytes(model: torch.nn.Module, ids: torch.Tensor) -> float:
@@ -97,7 +120,7 @@ def step_times(models: list, batch: int, prompt: int, device: torch.device, repe
     return best
 
 
-def sdpa_kernels(model: torch.nn.Module, device: torch.device, seq: int = 256) -> str:
+def sdpa_kernels(model: torch.nn.Module, device: torch.device, seq: int = 256, padded: bool = True) -> str:
     """Which fused CUDA attention kernels accept the q/k/v widths the first attention layer hands SDPA
     (the others fall back to the unfused math kernel). Pruned widths differ between q/k and v, which
     rules out flash attention; memory-efficient attention needs widths aligned to 8 elements in half
@@ -108,7 +131,7 @@ def sdpa_kernels(model: torch.nn.Module, device: torch.device, seq: int = 256) -
     head = getattr(attn, "head_dim", None) or cfg.hidden_size // heads
     qk, v = getattr(attn, "qk_dim", head), getattr(attn, "v_dim", head)
     pruned = f"qk {qk}, v {v}"
-    if hasattr(attn, "qk_dim") or hasattr(attn, "v_dim"):  # a CLOVER module: its attention pads the widths
+    if padded and (hasattr(attn, "qk_dim") or hasattr(attn, "v_dim")):  # a CLOVER module pads its widths
         qk, v = fused_widths(qk, v, device.type)
     dtype = next(model.parameters()).dtype
     q, k = (torch.zeros(1, heads, seq, qk, device=device, dtype=dtype) for _ in range(2))
@@ -131,15 +154,20 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
     print(f"\n== {name} ({parameter_count(model) / 1e6:.0f}M parameters, {what}, "
           f"attention {model.config._attn_implementation})")
     rows = variants(model, args.ratio)
+    if args.padding_baseline:  # the global model (ragged widths) once more, without the padding
+        rows.append((f"{rows[-1][0]} unpadded", Unpadded(rows[-1][1])))
     probe = torch.randint(3, model.config.vocab_size, (1, 16)).to(device)
     base_kv = kv_cache_bytes_per_token(model)
     for label, m in rows:
+        if isinstance(m, Unpadded):
+            continue  # the same model as the row above
         kv, alloc = kv_cache_bytes_per_token(m), measured_kv_bytes(m, probe)
         print(f"  {label:<28} {parameter_count(m) / 1e6:7.1f}M params  KV cache {kv:>8,} B/token "
               f"({kv / base_kv:.2f}x; allocated {alloc:,.0f})")
     if device.type == "cuda":
         for label, m in rows:
-            print(f"  {label:<28} SDPA kernels usable at prefill: {sdpa_kernels(m, device)}")
+            kernels = sdpa_kernels(m, device, padded=not isinstance(m, Unpadded))
+            print(f"  {label:<28} SDPA kernels usable at prefill: {kernels}")
     context = min(args.long_context, model.config.max_position_embeddings - args.new_tokens) \
         if hasattr(model.config, "max_position_embeddings") else args.long_context
     cases = [(b, args.prompt) for b in args.batches] + ([(1, context)] if args.long_context else [])
@@ -150,6 +178,10 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
             base = results[0][1]
             cells = [f"{rate:9.1f} tok/s {rate / base:4.2f}x pf {pf * 1e3:6.0f}ms" for pf, rate in results]
             print(f"  {batch:>3} x {prompt:<12}" + "".join(f"{c:>34}" for c in cells))
+            if args.padding_baseline:
+                (pf_pad, rate_pad), (pf_raw, rate_raw) = results[-2:]
+                print(f"  {'':<18}padding, global model: prefill {pf_raw / pf_pad:.2f}x faster, "
+                      f"decode {rate_pad / rate_raw:.2f}x faster than unpadded")
             if args.step_repeats:
                 steps = step_times([m for _, m in rows], batch, prompt, device, args.step_repeats)
                 cells = [f"step {t * 1e3:8.1f} ms {steps[0] / t:4.2f}x" for t in steps]
@@ -169,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-context", type=int, default=1024, help="prompt tokens of the batch-1 long case (0: skip it)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the models (best kept)")
+    parser.add_argument("--padding-baseline", action="store_true",
+                        help="also run the global model without zero-padding its widths for the fused SDPA "
+                             "kernels (on CUDA: to multiples of 8; on the CPU: to equal widths)")
     parser.add_argument("--step-repeats", type=int, default=0,
                         help="also time single decoding steps, models interleaved, best of this many")
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from pathlib import Path
 from unittest import mock
@@ -100,7 +101,8 @@ def decode_rates(models: list, batch: int, prompt: int, new: int, device: torch.
             runs = (lambda: model(ids, attention_mask=mask, use_cache=True), lambda: generate(1),
                     lambda: generate(new))
             best[i] = [min(b, timed(fn, device, repeats=1, warmup=0)) for b, fn in zip(best[i], runs)]
-    return [(prefill, batch * (new - 1) / max(many - one, 1e-9)) for prefill, one, many in best]
+    # generate(N) timed no slower than generate(1): the machine was too noisy to tell (NaN, printed n/a)
+    return [(prefill, batch * (new - 1) / (many - one) if many > one else float("nan")) for prefill, one, many in best]
 
 
 def step_times(models: list, batch: int, prompt: int, device: torch.device, repeats: int) -> list[float]:
@@ -147,6 +149,13 @@ def sdpa_kernels(model: torch.nn.Module, device: torch.device, seq: int = 256, p
     return f"{pruned} (SDPA sees qk {qk}, v {v}): " + (", ".join(usable) or "none (math fallback)")
 
 
+def rate_cell(rate: float, base: float) -> str:
+    """Decode tokens/s and its ratio to ``base``; n/a where the timing was too noisy to tell (NaN)."""
+    if math.isnan(rate):
+        return "decode n/a (noise)"
+    return f"{rate:9.1f} tok/s" + ("      " if math.isnan(base) else f" {rate / base:4.2f}x")
+
+
 def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None:
     model, what = load(name, device)
     model = model.to(DTYPES[args.dtype])
@@ -176,12 +185,13 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
         for batch, prompt in cases:
             results = decode_rates([m for _, m in rows], batch, prompt, args.new_tokens, device, args.repeats)
             base = results[0][1]
-            cells = [f"{rate:9.1f} tok/s {rate / base:4.2f}x pf {pf * 1e3:6.0f}ms" for pf, rate in results]
+            cells = [f"{rate_cell(rate, base)} pf {pf * 1e3:6.0f}ms" for pf, rate in results]
             print(f"  {batch:>3} x {prompt:<12}" + "".join(f"{c:>34}" for c in cells))
             if args.padding_baseline:
                 (pf_pad, rate_pad), (pf_raw, rate_raw) = results[-2:]
+                decode = "n/a (noise)" if math.isnan(rate_pad / rate_raw) else f"{rate_pad / rate_raw:.2f}x faster"
                 print(f"  {'':<18}padding, global model: prefill {pf_raw / pf_pad:.2f}x faster, "
-                      f"decode {rate_pad / rate_raw:.2f}x faster than unpadded")
+                      f"decode {decode} than unpadded")
             if args.step_repeats:
                 steps = step_times([m for _, m in rows], batch, prompt, device, args.step_repeats)
                 cells = [f"step {t * 1e3:8.1f} ms {steps[0] / t:4.2f}x" for t in steps]

@@ -54,8 +54,9 @@ def variants(model: torch.nn.Module, ratio: float) -> list[tuple[str, torch.nn.M
 
 
 class Unpadded:
-    """A pruned model whose attention hands SDPA its widths as they are, without the zero-padding that
-    :func:`fused_widths` asks for (the baseline that padding is measured against); otherwise the model."""
+    """A pruned model whose attention hands SDPA its widths as they are: none of the zero-padding that
+    :func:`fused_widths` asks for, and so none of the eager decoding steps that stand in for padding a
+    large cache (the baseline the width rule is measured against); otherwise the model."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -190,8 +191,8 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
             if args.padding_baseline:
                 (pf_pad, rate_pad), (pf_raw, rate_raw) = results[-2:]
                 decode = "n/a (noise)" if math.isnan(rate_pad / rate_raw) else f"{rate_pad / rate_raw:.2f}x faster"
-                print(f"  {'':<18}padding, global model: prefill {pf_raw / pf_pad:.2f}x faster, "
-                      f"decode {decode} than unpadded")
+                print(f"  {'':<18}width rule, global model: prefill {pf_raw / pf_pad:.2f}x faster, "
+                      f"decode {decode} than with the widths as they are")
             if args.step_repeats:
                 steps = step_times([m for _, m in rows], batch, prompt, device, args.step_repeats)
                 cells = [f"step {t * 1e3:8.1f} ms {steps[0] / t:4.2f}x" for t in steps]
@@ -212,8 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the models (best kept)")
     parser.add_argument("--padding-baseline", action="store_true",
-                        help="also run the global model without zero-padding its widths for the fused SDPA "
-                             "kernels (on CUDA: to multiples of 8; on the CPU: to equal widths)")
+                        help="also run the global model with its widths handed to SDPA as they are, without "
+                             "the padding for the fused kernels (on CUDA: to multiples of 8; on the CPU: to "
+                             "equal widths) or the eager decoding steps that replace it for large caches")
     parser.add_argument("--step-repeats", type=int, default=0,
                         help="also time single decoding steps, models interleaved, best of this many")
     args = parser.parse_args(argv)

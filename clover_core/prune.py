@@ -316,29 +316,38 @@ class Slider:
 
 class _RaggedStack:
     """A :class:`FactorStack`'s factors with every head's columns past its rank zeroed on one side of
-    the pair, kept up to date in place; its modules' kept columns are views of them.
+    the pair, up to its layer's width, kept up to date in place; its modules' kept columns are views.
 
     Zeroing one side is enough: a direction whose column is zero on either side adds nothing, whatever
-    the other side holds, so every head's product is exact. The zeroed side is the narrower one (its rows are
-    what a move copies); the other side is a view of the stack's factors, never written."""
+    the other side holds, so every head's product is exact. The zeroed side is the narrower one (its rows
+    are what a move copies); the other side is a view of the stack's factors, never written. Only the
+    columns a module reads are kept exact: below each head's rank, the factor's; from there up to its
+    layer's width (the largest rank), zeros; past the width, whatever was there (left as the factor's).
+    So a move rewrites only columns whose zeroing changed, not every column a rank crossed."""
 
     def __init__(self, stack: FactorStack):
         self.stack = stack
         narrow_a = stack.a.shape[-1] <= stack.b.shape[-1]  # a (L, k, G, m), b (L, k, G, n)
         self.source = stack.a if narrow_a else stack.b
-        self.buffer = torch.zeros_like(self.source)
+        self.buffer = self.source.clone()  # every rank full: nothing zeroed
         self.factors = (self.buffer, stack.b) if narrow_a else (stack.a, self.buffer)
-        self.ranks = torch.zeros(stack.s.shape[:2], dtype=torch.long, device=stack.s.device)  # (L, G)
+        layers, groups, k = stack.s.shape
+        self.ranks = torch.full((layers, groups), k, dtype=torch.long, device=stack.s.device)  # (L, G)
         self.views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (module, width) -> views
 
-    def update(self, ranks: torch.Tensor) -> dict[str, tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]:
-        """Set every head's rank (``(L, G)``): only the zeroed side's columns between its old and new
-        rank are written, one gather and one fill for the whole stack. Returns each module's kept
-        columns, padded to its width (views made once per module and width), and its ranks."""
+    def zeroed(self, ranks: torch.Tensor) -> torch.Tensor:
+        """Which rows ``(l, j, g)`` of the stack are zero at ``ranks`` (``(L, G)``): from each head's rank
+        up to its layer's width (:func:`padded_width`), flattened like the stack's rows."""
         column = torch.arange(self.buffer.shape[1], device=ranks.device)[None, :, None]  # (1, k, 1)
-        old, new = self.ranks[:, None, :], ranks[:, None, :]  # (L, 1, G): rows (l, j, g) of the stack
-        copy = ((column >= old) & (column < new)).flatten().nonzero().squeeze(1)
-        zero = ((column >= new) & (column < old)).flatten().nonzero().squeeze(1)
+        width = ranks.amax(dim=1).clamp_min(1)[:, None, None]  # (L, 1, 1)
+        return ((column >= ranks[:, None, :]) & (column < width)).flatten()
+
+    def update(self, ranks: torch.Tensor) -> dict[str, tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]:
+        """Set every head's rank (``(L, G)``): only rows whose zeroing changed are written, one gather and
+        one fill for the whole stack. Returns each module's kept columns, padded to its width (views made
+        once per module and width), and its ranks."""
+        before, after = self.zeroed(self.ranks), self.zeroed(ranks)
+        copy, zero = (before & ~after).nonzero().squeeze(1), (after & ~before).nonzero().squeeze(1)
         rows, source = self.buffer.flatten(0, 2), self.source.flatten(0, 2)
         rows.index_copy_(0, copy, source.index_select(0, copy))
         rows.index_fill_(0, zero, 0)

@@ -169,3 +169,23 @@ def test_ragged_moves_update_one_buffer_in_place(make_gpt2, tokens, mode, values
         unwritten += int(padding.any() and b.abs().sum(1)[padding].all())  # K's columns are the decomposition's, never written
     assert len(storages) == 2  # Q's buffer and K's stacked factors, whatever the ranks
     assert padded and unwritten == padded
+
+
+def test_ragged_buffer_zeroes_exactly_the_padding_modules_read(make_gpt2):
+    """After every move, each ragged buffer is its side of the factors with, per head, the columns from
+    its rank up to its layer's width zeroed, and nothing else changed: the rows past a layer's width
+    (never read) stay the factors', so a move only rewrites rows whose zeroing changed."""
+    dec = cc.decompose(make_gpt2("5x8"))
+    slider = cc.Slider(dec)
+    for ratio in (0.3, 0.9, 0.1, 0.6, 0.0, 0.75, 0.95):
+        slider(ratio, target="both", mode="global")
+        assert len(slider._ragged) == 2  # Q-K and V-O
+        for ragged in slider._ragged.values():
+            layers, k, groups = ragged.buffer.shape[:3]
+            expected = ragged.source.clone()
+            for layer in range(layers):
+                ranks = ragged.ranks[layer].tolist()
+                width = max(1, *ranks)
+                for g, rank in enumerate(ranks):
+                    expected[layer, rank:width, g] = 0
+            assert torch.equal(ragged.buffer, expected), ratio

@@ -217,10 +217,11 @@ class Slider:
     (``cc.decompose(model, rank_major=True)`` writes them so; any other decomposition is converted by
     :meth:`~clover_core.Decomposition.use_rank_major`, once, a copy of every factor), so keeping
     each head's best ``r`` directions is a slice of them (a view). Ragged per-head ranks (``global`` and
-    ``threshold`` modes) zero each head's columns past its rank on the narrower side of the pair only
-    (which keeps every product exact), in one buffer per stack of equal-shaped modules (made on first
-    use, the size of that side of the stack's factors): a move copies in (or zeroes) only the columns
-    whose heads changed rank, and modules whose kept columns did not change are left as they are.
+    ``threshold`` modes) zero each head's columns from its rank up to its layer's width on the narrower
+    side of the pair only (which keeps every product exact), in one buffer per stack of equal-shaped
+    modules (made on first use, a copy of that side of the stack's factors): a move copies back (or
+    zeroes) only the columns whose zeroing changed, and modules whose kept columns did not change are
+    left as they are.
     Weights outside the attention modules are the original model's; pairs left whole (and vanilla's
     original columns) come from a rank-major copy of the original factors, made on first use and shared
     by every slider of the same decomposition. Its kept columns equal those of :func:`prune` with the

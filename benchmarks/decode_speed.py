@@ -27,7 +27,6 @@ from benchmarks.common import MODELS, add_device_args, build_model, setup_device
 import clover_core as cc  # noqa: E402
 from clover_core.metrics import kv_cache_bytes_per_token, output_cache, parameter_count  # noqa: E402
 from clover_core.remote import clover_attention  # noqa: E402
-from clover_core.remote.clover_attention import fused_widths  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,8 +54,8 @@ def variants(model: torch.nn.Module, ratio: float) -> list[tuple[str, torch.nn.M
 
 class Unpadded:
     """A pruned model whose attention hands SDPA its widths as they are: none of the zero-padding that
-    :func:`fused_widths` asks for, and so none of the eager decoding steps that stand in for padding a
-    large cache (the baseline the width rule is measured against); otherwise the model."""
+    ``clover_attention.fused_widths`` asks for, and so none of the eager decoding steps that stand in
+    for padding a large cache (the baseline the width rule is measured against); otherwise the model."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -135,7 +134,7 @@ def sdpa_kernels(model: torch.nn.Module, device: torch.device, seq: int = 256, p
     qk, v = getattr(attn, "qk_dim", head), getattr(attn, "v_dim", head)
     pruned = f"qk {qk}, v {v}"
     if padded and (hasattr(attn, "qk_dim") or hasattr(attn, "v_dim")):  # a CLOVER module pads its widths
-        qk, v = fused_widths(qk, v, device.type)
+        qk, v = clover_attention.fused_widths(qk, v, device.type)
     dtype = next(model.parameters()).dtype
     q, k = (torch.zeros(1, heads, seq, qk, device=device, dtype=dtype) for _ in range(2))
     val = torch.zeros(1, heads, seq, v, device=device, dtype=dtype)

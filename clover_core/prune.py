@@ -334,6 +334,7 @@ class _RaggedStack:
         self.factors = (self.buffer, stack.b) if narrow_a else (stack.a, self.buffer)
         layers, groups, k = stack.s.shape
         self.ranks = torch.full((layers, groups), k, dtype=torch.long, device=stack.s.device)  # (L, G)
+        self.zero = self.zeroed(self.ranks)  # the rows zeroed now (none)
         self.views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (module, width) -> views
 
     def zeroed(self, ranks: torch.Tensor) -> torch.Tensor:
@@ -347,12 +348,12 @@ class _RaggedStack:
         """Set every head's rank (``(L, G)``): only rows whose zeroing changed are written, one gather and
         one fill for the whole stack. Returns each module's kept columns, padded to its width (views made
         once per module and width), and its ranks."""
-        before, after = self.zeroed(self.ranks), self.zeroed(ranks)
-        copy, zero = (before & ~after).nonzero().squeeze(1), (after & ~before).nonzero().squeeze(1)
+        after = self.zeroed(ranks)
+        copy, zero = (self.zero & ~after).nonzero().squeeze(1), (after & ~self.zero).nonzero().squeeze(1)
         rows, source = self.buffer.flatten(0, 2), self.source.flatten(0, 2)
         rows.index_copy_(0, copy, source.index_select(0, copy))
         rows.index_fill_(0, zero, 0)
-        self.ranks = ranks
+        self.ranks, self.zero = ranks, after
         views = {}
         for layer, (name, heads) in enumerate(zip(self.stack.names, ranks.tolist())):
             width = padded_width(heads)

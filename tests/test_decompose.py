@@ -121,10 +121,14 @@ def test_orthogonalize_refuses_an_unfit_out():
         orthogonalize(a, b, out=torch.empty_like(a))
 
 
+def tiny_model(kind, make_gpt2, make_llama, make_whisper):
+    return {"gpt2": lambda: make_gpt2("5x8"), "llama": make_llama, "whisper": make_whisper}[kind]()
+
+
 @pytest.mark.parametrize("kind,dtype", [("gpt2", torch.float32), ("llama", torch.float32),
                                         ("whisper", torch.float32), ("gpt2", torch.float16)])
 def test_rank_major_decompose_equals_the_converted_one(kind, dtype, make_gpt2, make_llama, make_whisper):
-    model = {"gpt2": lambda: make_gpt2("5x8"), "llama": make_llama, "whisper": make_whisper}[kind]().to(dtype)
+    model = tiny_model(kind, make_gpt2, make_llama, make_whisper).to(dtype)
     converted = cc.decompose(model)
     converted.use_rank_major()
     direct = cc.decompose(model, rank_major=True)
@@ -144,7 +148,7 @@ def test_rank_major_decompose_equals_the_converted_one(kind, dtype, make_gpt2, m
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "whisper"])
 def test_vanilla_scores_of_a_decomposition_are_the_column_norm_products(kind, make_gpt2, make_llama, make_whisper):
-    model = {"gpt2": lambda: make_gpt2("5x8"), "llama": make_llama, "whisper": make_whisper}[kind]()
+    model = tiny_model(kind, make_gpt2, make_llama, make_whisper)
     dec = cc.decompose(model)
     for name, md in dec.modules.items():
         for pair, (a, b) in md.adapter.factors(model.get_submodule(name)).items():

@@ -157,8 +157,10 @@ def _replace(tmp: Path, out: Path) -> None:
 
     An existing folder is exchanged with ``tmp`` in one atomic ``renameat2(RENAME_EXCHANGE)`` where the
     system offers it (Linux); elsewhere the old folder is first renamed aside, and a save killed between
-    the two renames leaves it there (``.<name>.old-<pid>``), never a half-written folder.
+    the two renames leaves it there (``.<name>.old-<pid>``), never a half-written folder. ``tmp`` first
+    gets the permissions of a folder made in place (see :func:`_umask_permissions`).
     """
+    _umask_permissions(tmp)
     if out.exists() and _exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old checkpoint
         return
@@ -167,6 +169,24 @@ def _replace(tmp: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions ``mkdir`` and ``open`` give under this
+    process's umask (``tempfile.mkdtemp`` makes it owner-only, and some writers their files too), so a
+    published checkpoint is as readable as any folder its user makes. The umask is read off a probe
+    folder and file, not set and restored: other threads may be creating files meanwhile."""
+    probe = folder / ".umask-probe"
+    probe.mkdir()
+    dirs = probe.stat().st_mode & 0o777  # 0o777 & ~umask
+    probe.rmdir()
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    files = probe.stat().st_mode & 0o777  # 0o666 & ~umask
+    probe.unlink()
+    for root, _, names in os.walk(folder):
+        os.chmod(root, dirs)
+        for name in names:
+            os.chmod(os.path.join(root, name), files)
 
 
 _RENAME_EXCHANGE = 2

@@ -1,10 +1,13 @@
 import json
+import os
 
 import pytest
 import torch
 
 import clover_core as cc
 from clover_core import checkpoint
+from clover_core.prune import PruneConfig
+from clover_core.stream import stream_prune
 
 from .tolerances import FP32
 
@@ -29,6 +32,29 @@ def test_save_load_reproduces_logits_and_writes_no_pickle(pruned, tokens, tmp_pa
         assert not f.read_bytes().startswith(b"\x80"), f"{f} looks like a pickle"
         assert not f.read_bytes().startswith(b"PK"), f"{f} looks like a torch zip"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def modes(folder):
+    """The permission bits of ``folder`` and of everything in it."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+@pytest.fixture(params=[0o022, 0o077])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_checkpoints_get_the_permissions_of_the_umask(pruned, make_gpt2, tmp_path, umask):
+    """Written in an owner-only temporary folder, published as ``mkdir`` and ``open`` would have made it."""
+    expected = {".": 0o777 & ~umask} | {p: 0o666 & ~umask for p in ("model.safetensors", "config.json", "README.md")}
+    make_gpt2("5x8").save_pretrained(tmp_path / "src")
+    streamed, _ = stream_prune(tmp_path / "src", tmp_path / "streamed", PruneConfig(ratio=0.5))
+    for out in (cc.save_pruned(pruned, tmp_path / "ckpt"), streamed):
+        got = modes(out)
+        assert {p: got[p] for p in expected} == expected, out
+        assert set(got.values()) == {0o777 & ~umask, 0o666 & ~umask}  # nothing left owner-only, nothing executable
 
 
 def test_float16_saving(pruned, tmp_path):

@@ -23,6 +23,7 @@ from .prune import PruneConfig, prune
 from .stream import is_sharded, stream_prune
 
 DEFAULT_MODEL = "gpt2-tiny-random"
+DEMO_WINDOW = 512  # demo perplexity: windows of this many tokens (or the model's positions), half overlapping
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 USER_ERRORS = (ValueError, TypeError, NotImplementedError, ModuleNotFoundError, OSError)  # OSError: a full disk too
 
@@ -117,10 +118,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for method in ("vanilla", "clover"):
         rows.append((method, prune(dec, ratio=args.ratio, target=args.target, method=method,
                                    mode=args.mode, threshold=args.threshold)))
+    window = min(DEMO_WINDOW, metrics.position_limit(bundle.model) or DEMO_WINDOW)
     print(f"\n{args.target} pruning, mode {args.mode}, ratio {args.ratio}, threshold {args.threshold}; "
-          f"perplexity on {ids.numel()} WikiText-2 test tokens")
+          f"perplexity on {ids.numel()} WikiText-2 test tokens (windows of {window}, stride {window // 2})")
     for label, model in rows:
-        ppl = metrics.perplexity(model, ids, window=512, stride=256, progress=False)
+        ppl = metrics.perplexity(model, ids, window=window, stride=window // 2, progress=False)
         print(f"{_size_line(label, model)}  perplexity {ppl:10.2f}")
     if args.out:
         print(f"saved to {checkpoint.save_pruned(rows[-1][1], args.out, processor=bundle.processor)}")

@@ -49,7 +49,7 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, *, window: int = 1024,
         raise ValueError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
     if not 1 <= stride <= window:
         raise ValueError(f"need 1 <= stride <= window, got window={window}, stride={stride}")
-    limit = _position_limit(model)
+    limit = position_limit(model)
     if limit is not None and window > limit:
         raise ValueError(f"window={window} exceeds this model's {limit} positions; pass window<={limit}")
     device = _device(model)
@@ -89,7 +89,9 @@ def _as_ids(input_ids: torch.Tensor) -> torch.Tensor:
     return ids.long()
 
 
-def _position_limit(model: nn.Module) -> int | None:
+def position_limit(model: nn.Module) -> int | None:
+    """The longest window :func:`perplexity` accepts for ``model`` (its learned positions), or None
+    where there is no hard limit (rotary models)."""
     config = getattr(model, "config", None)
     for key in ("n_positions", "max_position_embeddings", "max_target_positions"):
         value = getattr(config, key, None)

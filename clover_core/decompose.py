@@ -29,6 +29,10 @@ PAIRS = ("qk", "vo")
 GRAM_TOLERANCE = 2e-4
 
 
+class NonFiniteFactors(ValueError):
+    """A factor holds NaN or inf values (found on its Gram matrix's diagonal, at no extra pass)."""
+
+
 def orthogonalize(
     a: torch.Tensor, b: torch.Tensor, *, dtype: torch.dtype = torch.float32,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -59,7 +63,8 @@ def orthogonalize(
 
     Raises:
         TypeError: non-floating factors or an unsupported compute dtype.
-        ValueError: mismatched batch or inner dimensions, or an ``out`` unlike the factors.
+        ValueError: mismatched batch or inner dimensions, an ``out`` unlike the factors, or factors holding
+            NaN or inf values.
     """
     return _orthogonalize(a, b, dtype, out)[:3]
 
@@ -104,6 +109,10 @@ def _gram_rotation(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]
     needs QR; ``vanilla`` holds the products of the factors' column norms (the Gram diagonals).
     """
     gram_a, gram_b = _gram(a), _gram(b)  # (G, k, k) float64 on the CPU
+    for side, gram in (("a", gram_a), ("b", gram_b)):  # a NaN or inf anywhere reaches a column's norm
+        if not torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all():
+            raise NonFiniteFactors(f"factor {side} holds NaN or inf values (or values too large to square in "
+                                   f"{a.dtype}); CLOVER needs finite weights")
     ra, info = torch.linalg.cholesky_ex(gram_a, upper=True)
     ok = info == 0
     if not ok.all():  # failed groups: any finite stand-in, QR redoes them
@@ -345,7 +354,9 @@ def decompose(model: nn.Module, *, dtype: torch.dtype = torch.float32, progress:
 
     Raises:
         NotImplementedError: the model has no supported attention module.
-        TypeError: non-floating weights or an unsupported ``dtype``.
+        TypeError: not a torch module, non-floating weights or an unsupported ``dtype``.
+        ValueError: weights on the ``meta`` device (not loaded), or NaN / inf in an attention module's
+            weights (the message names the module and pair).
     """
     found = attention_modules(model)
     stacks, where = _planned_stacks(found) if rank_major else ([], {})
@@ -401,17 +412,27 @@ def decompose_module(name: str, module: nn.Module, adapter: Adapter, *, dtype: t
 
     Raises:
         TypeError: non-floating weights or an unsupported ``dtype``.
+        ValueError: weights on the ``meta`` device, or NaN / inf in a pair's weights.
     """
     _check_weights(name, module)
     md = ModuleDecomposition(name, adapter)
     for pair, (a, b) in adapter.factors(module).items():
-        a_rot, b_rot, s, vanilla = _orthogonalize(a, b, dtype, (out or {}).get(pair))
+        try:
+            a_rot, b_rot, s, vanilla = _orthogonalize(a, b, dtype, (out or {}).get(pair))
+        except NonFiniteFactors:
+            label = {"qk": "Q-K", "vo": "V-O"}[pair]
+            raise ValueError(f"{name}: its {label} weights hold NaN or inf values (or values too large to square "
+                             f"in {dtype}); CLOVER needs finite weights: check the checkpoint, or load it in a "
+                             "wider dtype") from None
         md.pairs[pair] = PairDecomposition(a_rot, b_rot, s.float(), vanilla)
     return md
 
 
 def _check_weights(name: str, module: nn.Module) -> None:
     for pname, p in module.named_parameters():
+        if p.is_meta:
+            raise ValueError(f"{name}.{pname} is on the meta device: the model has no weights loaded (load it "
+                             "with its weights, e.g. clover_core.load_model)")
         if not p.is_floating_point():
             raise TypeError(f"{name}.{pname} has dtype {p.dtype}; CLOVER needs floating-point weights "
                             "(dequantize the model first)")

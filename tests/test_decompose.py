@@ -66,6 +66,29 @@ def test_non_float_and_mismatched_factors_are_refused():
         orthogonalize(a, b, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])  # 1e30: its square overflows float32
+def test_non_finite_factors_are_refused(bad):
+    a, b = factors()
+    b[2, 5, 3] = bad
+    with pytest.raises(ValueError, match="factor b holds NaN or inf values"):
+        orthogonalize(a, b)
+
+
+def test_decompose_names_the_module_whose_weights_are_not_finite(make_gpt2):
+    model = make_gpt2("3x16")
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_proj.weight[4, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"^transformer\.h\.1\.attn: its V-O weights hold NaN or inf values"):
+        cc.decompose(model)
+
+
+def test_decompose_refuses_what_is_not_a_loaded_model(make_gpt2):
+    with pytest.raises(TypeError, match="expected a torch.nn.Module, got str 'gpt2'; load a model first"):
+        cc.decompose("gpt2")
+    with pytest.raises(ValueError, match=r"c_attn\.weight is on the meta device: the model has no weights loaded"):
+        cc.decompose(make_gpt2("3x16").to("meta"))
+
+
 def test_decompose_keeps_model_and_reports_spectra(make_gpt2):
     model = make_gpt2("3x16")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -34,8 +34,12 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:
     """Every supported attention module of ``model``, outermost first, as ``(name, module, adapter)``.
 
     Raises:
+        TypeError: ``model`` is not a torch module.
         NotImplementedError: the model contains no supported attention module.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__} {model!r:.60}; load a model "
+                        "first, e.g. clover_core.load_model(name).model")
     found = [(name, m, a) for name, m in model.named_modules() if (a := adapter_for(m)) is not None]
     if not found:
         supported = ", ".join(cls.__name__ for cls in ADAPTERS)

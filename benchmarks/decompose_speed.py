@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (add_device_args, build_model, cpu_split, gib, peak_rss_bytes, setup_device,  # noqa: E402
                                timed)
 from clover_core.adapters import attention_modules  # noqa: E402
-from clover_core.decompose import orthogonalize  # noqa: E402
+from clover_core.decompose import _gram, _gram_rotation, orthogonalize  # noqa: E402
 
 SHAPE_MODELS = ("gpt2-xl", "whisper-large-v3", "sdxl-unet")
 
@@ -83,6 +83,48 @@ def time_engine_and_floor(shapes, device, repeats: int, check_heads: int) -> dic
     return {"engine": engine, "floor": floor, "max_error": max(errors), "checked": len(errors), "bytes": n_bytes}
 
 
+def breakdown(shapes, device, repeats: int) -> None:
+    """Where the engine's time goes, per distinct module shape, as multiples of the floor: both sides
+    write into preallocated outputs (no page faults on fresh memory in either), best of ``repeats``."""
+    gen = torch.Generator(device=device).manual_seed(2)
+    print("  breakdown per module shape (preallocated outputs; x floor):")
+    for sa, sb in dict.fromkeys((tuple(sa), tuple(sb)) for sa, sb in shapes):
+        a, b = random_factors(sa, sb, device, gen)
+        t = torch.randn(sa[0], sa[2], sa[2], generator=gen, device=device)
+        fa, fb, oa, ob = (torch.empty_like(x) for x in (a, b, a, b))
+        floor = timed(lambda: (torch.bmm(a, t, out=fa), torch.bmm(b, t, out=fb)), device, repeats)
+        engine = timed(lambda: orthogonalize(a, b, out=(oa, ob)), device, repeats)
+        grams = timed(lambda: (_gram(a), _gram(b)), device, repeats)
+        rotation = timed(lambda: _gram_rotation(a, b), device, repeats)  # Grams + the k x k algebra
+        ga, gb = _gram(a), _gram(b)
+        ra = torch.linalg.cholesky(ga, upper=True)
+        m = ra @ gb @ ra.mT
+        eigh = timed(lambda: torch.linalg.eigh(m), device, repeats)
+        parts = {"Grams": grams, "eigh": eigh, "other k x k": rotation - grams - eigh,
+                 "rotation GEMMs": engine - rotation}
+        cells = "  ".join(f"{k} {v / floor:.2f}" for k, v in parts.items())
+        print(f"    {sa[0]} x {sa[1]}x{sa[2]} / {sb[1]}x{sb[2]}: floor {floor * 1e3:.2f} ms, engine "
+              f"{engine / floor:.2f} = {cells}")
+
+
+def conditioning(names: list[str]) -> None:
+    """How well-conditioned each head's eigenproblem ``R_a B^T B R_a^T`` is (``(s_max / s_min)^2`` of its
+    singular values) on real offline checkpoints, against the random weights the timings use: the
+    case for (or against) a cheaper float32 eigensolve where the conditioning allows it."""
+    import clover_core as cc
+
+    print("\n== eigenproblem conditioning, log10 (s_max / s_min)^2 per head: min / median / max")
+    for name in names:
+        model = build_model("whisper-large-v3", "cpu") if name == "random" else cc.load_model(name).model
+        dec = cc.decompose(model)
+        for pair in dec.pair_types:
+            s = torch.cat([md.pairs[pair].s for md in dec.modules.values()]).double()
+            cond = (s[:, 0] / s[:, -1]).square().log10()  # inf where a head is rank-deficient
+            q = [cond.min().item(), cond.median().item(), cond.max().item()]
+            label = "random N(0, 0.02), Whisper large-v3 shapes" if name == "random" else name
+            print(f"  {label:<44} {pair}: {' / '.join(f'{v:.1f}' for v in q)} ({len(cond)} heads)")
+
+
 def time_baseline(shapes, device, head_fn, heads_per_shape: int) -> dict:
     """A per-head baseline timed on ``heads_per_shape`` heads of each distinct shape, extrapolated."""
     gen = torch.Generator(device=device).manual_seed(1)
@@ -119,6 +161,8 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
               f"({base['shapes']} shapes) to all {heads}; max rel error {base['max_error']:.1e}")
     print(f"  engine max rel reconstruction error {res['max_error']:.1e} "
           f"(float64 check of {res['checked']} heads)")
+    if args.breakdown:
+        breakdown(shapes, device, args.repeats)
     if args.decompose and name in ("gpt2-xl", "whisper-large-v3"):
         time_decompose(name, device)
 
@@ -158,13 +202,20 @@ def time_decompose(name: str, device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_device_args(parser)
-    parser.add_argument("--models", nargs="+", default=list(SHAPE_MODELS), choices=SHAPE_MODELS)
+    parser.add_argument("--models", nargs="*", default=list(SHAPE_MODELS), choices=SHAPE_MODELS,
+                        help="model shapes to time (none: only --conditioning)")
     parser.add_argument("--repeats", type=int, default=3, help="engine / floor runs per module (best kept)")
     parser.add_argument("--reference-heads", type=int, default=2,
                         help="heads per distinct shape timed for the full-SVD reference (0: skip)")
     parser.add_argument("--lowrank-heads", type=int, default=4,
                         help="heads per distinct shape timed for the svd_lowrank loop (0: skip)")
     parser.add_argument("--check-heads", type=int, default=2, help="heads per module checked in float64")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the engine's parts (Grams, eigensolve, other small algebra, rotation) "
+                             "per distinct module shape, as multiples of the floor")
+    parser.add_argument("--conditioning", nargs="*", metavar="MODEL",
+                        help="print each head's eigenproblem conditioning for these offline models (default: "
+                             "random weights, smollm2-135m, gpt2-shakespeare, whisper-tiny.en, whisper-base)")
     parser.add_argument("--no-decompose", dest="decompose", action="store_false",
                         help="skip decompose() on the full model (needs ~2x the model's size in memory)")
     args = parser.parse_args(argv)
@@ -173,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for name in args.models:
             run_model(name, device, args)
+        if args.conditioning is not None:
+            conditioning(args.conditioning or ["random", "smollm2-135m", "gpt2-shakespeare", "whisper-tiny.en",
+                                               "whisper-base"])
 
 
 if __name__ == "__main__":

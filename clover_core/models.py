@@ -52,8 +52,9 @@ def gpt2_tokenizer():
     """GPT-2's byte-level BPE tokenizer, read from the Whisper tiny.en package.
 
     Whisper's file shares GPT-2's 50,257 ids but adds its own special tokens after them, and a template
-    that puts two of those around every text. Both go, so ``tokenizer(text)`` gives GPT-2's ids, all
-    inside a GPT-2 model's vocabulary (``<|endoftext|>`` is 50256).
+    that wraps every text in special tokens (two of Whisper's before it, ``<|endoftext|>`` after). Both
+    go, so ``tokenizer(text)`` gives GPT-2's ids, all inside a GPT-2 model's vocabulary
+    (``<|endoftext|>`` is 50256).
     """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast

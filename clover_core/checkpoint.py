@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -171,18 +172,25 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _umask_permissions(folder: Path) -> None:
-    """Give ``folder`` and everything in it the permissions ``mkdir`` and ``open`` give under this
-    process's umask (``tempfile.mkdtemp`` makes it owner-only, and some writers their files too), so a
-    published checkpoint is as readable as any folder its user makes. The umask is read off a probe
-    folder and file, not set and restored: other threads may be creating files meanwhile."""
-    probe = folder / ".umask-probe"
+def umask_modes(folder: Path) -> tuple[int, int]:
+    """The permission bits ``mkdir`` and ``open`` give a new folder and file in ``folder`` under this
+    process's umask, read off a probe of each: setting the umask to read it and restoring it would
+    change it for other threads creating files meanwhile."""
+    probe = Path(folder) / f".umask-probe-{os.getpid()}-{threading.get_ident()}"
     probe.mkdir()
     dirs = probe.stat().st_mode & 0o777  # 0o777 & ~umask
     probe.rmdir()
     os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     files = probe.stat().st_mode & 0o777  # 0o666 & ~umask
     probe.unlink()
+    return dirs, files
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions of :func:`umask_modes`
+    (``tempfile.mkdtemp`` makes it owner-only, and safetensors its files too), so a published checkpoint
+    is as readable as any folder its user makes."""
+    dirs, files = umask_modes(folder)
     for root, _, names in os.walk(folder):
         os.chmod(root, dirs)
         for name in names:

@@ -30,6 +30,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -44,6 +45,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters import Adapter, attention_modules
 from .adapters.base import split_heads
+from .checkpoint import umask_modes
 from .decompose import orthogonalize
 
 log = logging.getLogger(__name__)
@@ -412,27 +414,48 @@ class CloverFT:
         return self.model
 
     def save_adapter(self, path: str | os.PathLike) -> None:
-        """Write only the trainable matrices (safetensors), with a probe of each frozen basis."""
+        """Write only the trainable matrices (safetensors), with a probe of each frozen basis.
+
+        The file is written whole or not at all (safetensors writes a temporary file and renames it),
+        with the permissions of the user's umask; missing parent folders are made.
+
+        Raises:
+            ValueError: ``path`` is a folder.
+        """
         self._check_open()
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; pass the adapter's file name, e.g. {path / 'adapter.safetensors'}")
         tensors = {}
         for name, core in self.cores.items():
             tensors[f"{name}.weight"] = core.weight.detach().contiguous()
             tensors[f"{name}.probe"] = core.basis.sum(dim=1).float().contiguous()  # (G, k)
         meta = {"format": ADAPTER_FORMAT, "config": json.dumps(self.config.__dict__)}
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, os.fspath(path), metadata=meta)
+        path.chmod(umask_modes(path.parent)[1])  # safetensors' temporary file was owner-only
 
     def load_adapter(self, path: str | os.PathLike) -> CloverFT:
         """Load matrices written by :meth:`save_adapter` into this prepared model; returns ``self``.
 
         Raises:
-            ValueError: another format or configuration, missing or unexpected matrices, other shapes,
-                or a probe that shows the adapter was trained on other base weights.
+            FileNotFoundError: no file at ``path``.
+            ValueError: not a readable safetensors file, another format or configuration, missing or
+                unexpected matrices, other shapes, or a probe that shows the adapter was trained on other
+                base weights.
         """
         self._check_open()
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is not a file; pass the file save_adapter() wrote")
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} cannot be read as safetensors ({e}); the file is corrupted or truncated, "
+                             "or not an adapter") from None
         if meta.get("format") != ADAPTER_FORMAT:
             raise ValueError(f"{path} is not a CLOVER-FT adapter (format {meta.get('format')!r})")
         if json.loads(meta["config"]) != self.config.__dict__:

@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -83,6 +84,23 @@ def test_adapter_round_trip(make_gpt2, tokens, tmp_path):
             tmp_path / "adapter.safetensors")
     with pytest.raises(ValueError, match="same settings"):
         cc.finetune.prepare(make_gpt2("5x8"), "vo").load_adapter(tmp_path / "adapter.safetensors")
+
+
+def test_adapter_files_name_what_is_wrong(make_gpt2, tmp_path):
+    ft = cc.finetune.prepare(make_gpt2("3x16"), "vo")
+    old = os.umask(0o022)
+    try:
+        ft.save_adapter(tmp_path / "new" / "folder" / "adapter.safetensors")  # missing folders are made
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new" / "folder" / "adapter.safetensors").stat().st_mode & 0o777 == 0o644  # not owner-only
+    with pytest.raises(ValueError, match="is a folder; pass the adapter's file name"):
+        ft.save_adapter(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a file; pass the file save_adapter"):
+        ft.load_adapter(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="junk.safetensors cannot be read as safetensors"):
+        ft.load_adapter(tmp_path / "junk.safetensors")
 
 
 def test_pruned_model_recovers_at_its_pruned_size(make_gpt2, tokens, tmp_path):

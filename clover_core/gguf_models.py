@@ -28,6 +28,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from .checkpoint import _umask_permissions
+
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "clover_source.json"  # what the cache was converted from; written last
@@ -200,6 +202,7 @@ def write_cache(model: nn.Module, tokenizer, folder: str | os.PathLike, fingerpr
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(fingerprint, indent=2), encoding="utf-8")
+        _umask_permissions(tmp)  # readable like any folder its user makes, not owner-only like mkdtemp's
         _install(tmp, folder, fingerprint)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was installed

@@ -176,6 +176,16 @@ def test_broken_cache_is_rebuilt(smollm2, broken_cache, monkeypatch, how):
     assert torch.equal(logits(reread, ids), logits(model, ids))
 
 
+def test_the_cache_gets_the_permissions_of_the_umask(make_llama, smollm2, tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = gm.write_cache(make_llama(), smollm2[2], tmp_path / NAME, {"dist": "test", "filename": "t.gguf"})
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
+
+
 def test_concurrent_writers_leave_one_complete_cache(make_llama, smollm2, tmp_path):
     """Two processes converting at once: both renames race, the folder ends up whole, no temp folder is left."""
     tokenizer = smollm2[2]

@@ -226,7 +226,7 @@ class Studio:
                   f"attention modules, decomposed once ({loaded.nbytes / 1e9:.2f} GB with the decomposition).{note}")
         return status, target, layer, *_panels(loaded.kind)
 
-    def spectra(self, model: str, ratio: float, target: str, mode: str, layer: str | None,
+    def spectra(self, model: str, ratio: float, target: str, mode: str, layer: str | None = None,
                 progress=gr.Progress(track_tqdm=True)):
         """Heatmap of every head's concentration, a layer's singular values, and the kept ranks (no SVD)."""
         try:
@@ -256,7 +256,7 @@ class Studio:
         out = {v: cs.complete_text(m, pair.loaded.processor, prompt, max_new_tokens) for v, m in pair.models().items()}
         return out["original"], out["vanilla"], out["clover"], pair
 
-    def compare_audio(self, model, ratio, target, mode, clip, audio, state, progress=gr.Progress()):
+    def compare_audio(self, model, ratio, target, mode, clip, audio=None, state=None, progress=gr.Progress()):
         """Transcripts of a bundled clip (with word error rates) or of an uploaded / recorded one."""
         from clover_core.audio import bundled_clips
         from clover_core.metrics import word_error_rate
@@ -379,7 +379,8 @@ def _controls(ui: SimpleNamespace) -> None:
     with gr.Row():
         ui.ratio = gr.Slider(0, MAX_RATIO, value=DEFAULT_RATIO, step=0.05, elem_id="ratio",
                              label="Pruning ratio (share of directions removed)")
-        ui.target = gr.Radio([("Q-K", "qk"), ("V-O", "vo"), ("both", "both")], value="qk", label="Target")
+        # V-O to start with: every model has it (a rotary model has no Q-K pair), so the API's defaults work
+        ui.target = gr.Radio([("Q-K", "qk"), ("V-O", "vo"), ("both", "both")], value="vo", label="Target")
         ui.mode = gr.Radio([("uniform: same rank in every head", "uniform"), ("global: one threshold", "global")],
                            value="uniform", label="Mode")
     ui.results = gr.Markdown(elem_id="results")

@@ -75,3 +75,16 @@ def test_upload_a_wav_file(client):
     original, vanilla, clover, note = client.predict("whisper-tiny.en", 0.0, "vo", "uniform", None,
                                                      handle_file(str(wav)), api_name="/compare_audio")
     assert original.lower().startswith("hello") and vanilla == clover == original and note == ""
+
+
+def test_the_api_defaults_work(client):
+    """Arguments left out take the page's defaults, and those fit the default model (rotary SmolLM2: V-O);
+    a spectrum needs no layer (the first), and a bundled clip needs no upload."""
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert all(p["parameter_has_default"] for p in named["/prune"]["parameters"])
+    assert client.predict(api_name="/prune").startswith("**smollm2-135m**: V-O pruned, uniform, ratio 0.25")
+    _, curves, _ = client.predict(LM, 0.5, "qk", "uniform", api_name="/spectra")
+    assert "of transformer.h.0.attn" in curves["plot"]
+    original, vanilla, clover, note = client.predict("whisper-tiny.en", 0.0, "vo", "uniform", "hello_world",
+                                                     api_name="/compare_audio")
+    assert original.lower().startswith("hello") and vanilla == clover == original and "Word error rate" in note

@@ -60,9 +60,10 @@ def test_slider_updates_the_numbers_and_the_plots(page):
     page.wait_for_function("() => document.querySelector('#heatmap .js-plotly-plot')", timeout=TIMEOUT_MS)
     results = page.inner_text(RESULTS)
     assert app.DEFAULT_RATIO == 0.25 and "ratio 0.25" in results
-    assert kv_cells(results) == ["8,192", "7,168 (-12.5%)", "7,168 (-12.5%)"]  # a quarter of K is gone
+    assert kv_cells(results) == ["8,192", "7,168 (-12.5%)", "7,168 (-12.5%)"]  # a quarter of V is gone (V-O first)
     heatmap, curves = plot_state(page, "heatmap"), plot_state(page, "curves")
-    assert heatmap["custom"][0][0][0][0] == 48  # layer 0, head 0 keeps 48 of 64 Q-K directions
+    assert heatmap["custom"][1][0][0][0] == 48  # layer 0, head 0 keeps 48 of 64 V-O directions
+    assert heatmap["custom"][0][0][0][0] == 64  # and all its Q-K directions
 
     slider = page.locator("#ratio input[type=range]")
     box = slider.bounding_box()
@@ -74,7 +75,7 @@ def test_slider_updates_the_numbers_and_the_plots(page):
     kept = round(64 * (1 - ratio))
     after = kv_cells(page.inner_text(RESULTS))
     assert after[0] == "8,192" and after[1] == after[2] != "7,168 (-12.5%)"
-    assert after[2].startswith(f"{4 * 256 * 4 + 4 * 4 * kept * 4:,} (")  # V of 4 layers + the kept K, fp32
+    assert after[2].startswith(f"{4 * 256 * 4 + 4 * 4 * kept * 4:,} (")  # K of 4 layers + the kept V, fp32
     new_heatmap, new_curves = plot_state(page, "heatmap"), plot_state(page, "curves")
-    assert new_heatmap["custom"][0][0][0][0] == kept
+    assert new_heatmap["custom"][1][0][0][0] == kept
     assert new_curves["shapes"] != curves["shapes"] and new_curves["shapes"][0][0] == kept + 0.5

@@ -145,7 +145,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = N
 
     Args:
         name_or_path: an embedded offline name (see ``EMBEDDED``), a folder in the standard layout
-            (a CLOVER checkpoint included), or a hub id such as ``openai-community/gpt2-xl``.
+            (a CLOVER checkpoint, a diffusers pipeline, or one diffusers model such as a pipeline's
+            ``unet/``), or a hub id such as ``openai-community/gpt2-xl``.
         dtype: cast the model; default: the checkpoint's own dtype (float32 for embedded models).
 
     Returns:
@@ -174,11 +175,24 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = N
 def _from_folder(folder: Path) -> tuple[nn.Module, object]:
     if (folder / "model_index.json").is_file():
         return _diffusion(str(folder), local_only=True)
+    config = read_config(folder)  # a clear error if config.json is missing or broken
+    if "_class_name" in config and "model_type" not in config and not is_checkpoint(folder):
+        return _diffusers_model(folder, config["_class_name"]), None  # one model of a pipeline, e.g. its unet/
     processor = _processor(str(folder), local_only=True)
     if is_checkpoint(folder):
         return load_pruned(folder), processor
-    read_config(folder)  # a clear error if config.json is missing or broken
     return _auto_model(str(folder), local_only=True), processor
+
+
+def _diffusers_model(folder: Path, class_name: object) -> nn.Module:
+    """A diffusers model saved on its own (``config.json`` naming its class, as a pipeline's ``unet/``)."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ValueError(f"{folder / 'config.json'} names _class_name={class_name!r}, which is not a diffusers "
+                         "model class")
+    return cls.from_pretrained(str(folder), use_safetensors=True)  # never a pickle
 
 
 def _from_hub(name: str) -> tuple[nn.Module, object]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -71,10 +72,12 @@ class Loaded:
 
 
 def model_kind(model: nn.Module, processor: object) -> Kind:
-    """``"diffusion"`` (the processor is a pipeline with a UNet), ``"speech"`` (Whisper) or ``"lm"``."""
+    """``"diffusion"`` (a diffusers model: the processor is its pipeline, or None for a UNet loaded on its
+    own), ``"speech"`` (Whisper) or ``"lm"``."""
     from transformers import WhisperForConditionalGeneration
 
-    if getattr(processor, "unet", None) is model:
+    diffusers = sys.modules.get("diffusers")  # not imported: the model cannot be one of its classes
+    if getattr(processor, "unet", None) is model or (diffusers is not None and isinstance(model, diffusers.ModelMixin)):
         return "diffusion"
     return "speech" if isinstance(model, WhisperForConditionalGeneration) else "lm"
 
@@ -171,6 +174,10 @@ class ModelCache:
             bundle = load_model(name)
             model, processor = bundle.model, bundle.processor
         kind = model_kind(model, processor)
+        if kind == "diffusion" and getattr(processor, "unet", None) is not model:
+            raise ValueError(f"{name} is a diffusers {type(model).__name__} without its pipeline; the app draws "
+                             "images, which needs the whole pipeline: load the pipeline's folder (the one with "
+                             "model_index.json)")
         (processor if kind == "diffusion" else model).to(self.device)
         _report(progress, 0.3, f"decomposing the attention of {name} (once per model)")
         # pruned models (share_weights) slice the factors: written rank-major from the start

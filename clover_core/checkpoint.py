@@ -370,13 +370,18 @@ def _submodule(model: nn.Module, name: str, folder: Path) -> nn.Module:
         raise ValueError(f"{folder / CONFIG} lists ranks for {name!r}, which the model does not have") from None
 
 
+def unreadable(path: Path, error: Exception) -> ValueError:
+    """The error for a file safetensors cannot read (a checkpoint's weights or shard, an adapter)."""
+    return ValueError(f"{path} cannot be read as safetensors ({error}); the file is corrupted or truncated")
+
+
 def _load_weights(model: nn.Module, folder: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
         try:
             state.update(load_file(path))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path} cannot be read as safetensors ({e}); the file is corrupted or truncated") from None
+            raise unreadable(path, e) from None
     tie = getattr(model, "tie_weights", lambda: None)
     tie()  # tied parameters are stored once
     required = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()

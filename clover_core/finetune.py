@@ -45,7 +45,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters import Adapter, attention_modules
 from .adapters.base import split_heads
-from .checkpoint import umask_modes
+from .checkpoint import umask_modes, unreadable
 from .decompose import orthogonalize
 
 log = logging.getLogger(__name__)
@@ -454,8 +454,7 @@ class CloverFT:
             with safe_open(os.fspath(path), framework="pt") as f:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path} cannot be read as safetensors ({e}); the file is corrupted or truncated, "
-                             "or not an adapter") from None
+            raise unreadable(path, e) from None
         if meta.get("format") != ADAPTER_FORMAT:
             raise ValueError(f"{path} is not a CLOVER-FT adapter (format {meta.get('format')!r})")
         if json.loads(meta["config"]) != self.config.__dict__:

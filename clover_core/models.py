@@ -176,12 +176,11 @@ def _from_folder(folder: Path) -> tuple[nn.Module, object]:
     if (folder / "model_index.json").is_file():
         return _diffusion(str(folder), local_only=True)
     config = read_config(folder)  # a clear error if config.json is missing or broken
-    if "_class_name" in config and "model_type" not in config and not is_checkpoint(folder):
-        return _diffusers_model(folder, config["_class_name"]), None  # one model of a pipeline, e.g. its unet/
-    processor = _processor(str(folder), local_only=True)
     if is_checkpoint(folder):
-        return load_pruned(folder), processor
-    return _auto_model(str(folder), local_only=True), processor
+        return load_pruned(folder), _processor(str(folder), local_only=True)
+    if "_class_name" in config and "model_type" not in config:  # one model of a pipeline, e.g. its unet/
+        return _diffusers_model(folder, config["_class_name"]), None
+    return _auto_model(str(folder), local_only=True), _processor(str(folder), local_only=True)
 
 
 def _diffusers_model(folder: Path, class_name: object) -> nn.Module:

@@ -30,7 +30,7 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .adapters import attention_modules
-from .checkpoint import _check_target, _replace, _save_processor, _update_config, read_config
+from .checkpoint import _check_target, _replace, _save_processor, _update_config, read_config, unreadable
 from .decompose import Decomposition, ModuleDecomposition, PairDecomposition, decompose_module
 from .model_card import CARD, model_card
 from .prune import PruneConfig, plan, prune_module, pruning_meta, record, set_submodule
@@ -95,7 +95,7 @@ class SafetensorsFile:
                 (size,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(size))
         except (OSError, struct.error, ValueError) as e:
-            raise ValueError(f"{path} cannot be read as safetensors ({e}); the file is corrupted or truncated") from None
+            raise unreadable(path, e) from None
         header.pop("__metadata__", None)
         self.start = 8 + size
         self.entries = {k: (DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"])) for k, v in header.items()}

@@ -138,6 +138,8 @@ def build_model(name: str, device: torch.device | str = "meta", seed: int = 0,
     from transformers import GPT2LMHeadModel, LlamaForCausalLM, WhisperForConditionalGeneration
     from transformers.initialization import no_init_weights
 
+    from clover_core.checkpoint import cast_model
+
     config = config_for(name)
     with torch.device(device), no_init_weights():
         if name == "sdxl-unet":
@@ -148,7 +150,7 @@ def build_model(name: str, device: torch.device | str = "meta", seed: int = 0,
             cls = {"gpt2": GPT2LMHeadModel, "whisper": WhisperForConditionalGeneration,
                    "llama": LlamaForCausalLM}[config.model_type]
             model = cls(config)
-    model = model.to(dtype).eval()
+    model = cast_model(model, dtype).eval()
     if hasattr(model, "tie_weights"):  # transformers: no_init_weights also skips the tying init does
         model.tie_weights()
     if torch.device(device).type != "meta":

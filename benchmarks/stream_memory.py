@@ -1,22 +1,24 @@
 """Can we prune a model larger than memory? Peak RSS of the streaming prune of a sharded checkpoint.
 
-    PYTHONPATH=. python benchmarks/stream_memory.py [--model gpt2-xl] [--shard-size 1GB] [--dir /tmp]
+    PYTHONPATH=. python benchmarks/stream_memory.py [--model gpt2-xl|sdxl-unet] [--shard-size 1GB] [--dir /tmp]
 
 1. Writes a sharded safetensors checkpoint of the model's exact structure (GPT-2 XL: 1.56B
-   parameters, ~6.2 GB in float32) with random weights, one tensor at a time, so writing it never
-   holds the model either. It checks the free disk space first and refuses if the checkpoint and the
-   pruned copy would not fit.
+   parameters, ~6.2 GB in float32; SDXL's UNet: 2.57B, ~10.3 GB, in the diffusers layout of a
+   pipeline's ``unet/``) with random weights, one tensor at a time, so writing it never holds the
+   model either. It checks the free disk space first and refuses if the checkpoint and the pruned
+   copy would not fit.
 2. Runs ``python -m clover_core prune --model DIR ...`` in a subprocess that reports its own peak
    resident set size (``VmHWM``) as it exits, and, for reference, the peak of a subprocess that only
    imports the same libraries and builds the meta skeleton (the interpreter's floor).
-3. Reports peak RSS / checkpoint size, and against "largest shard + one transformer layer".
+3. Reports peak RSS / checkpoint size, and against "largest shard + one layer" (a transformer layer;
+   for the UNet, its largest transformer block); with ``--baseline``, also against the same command
+   with streaming off (the model loaded whole).
 4. Deletes everything it wrote (unless ``--keep``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -29,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import build_model, gib  # noqa: E402
-from clover_core.stream import ShardWriter  # noqa: E402
+from clover_core.stream import STEMS, ShardWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each child reports its own high-water RSS (VmHWM) as it exits: the kernel's rusage of a child also
@@ -39,30 +41,55 @@ FLOOR = ("import clover_core, clover_core.__main__, clover_core.stream as s, sys
          "s._skeleton(pathlib.Path(sys.argv[1]), torch.float32)\n" + REPORT)
 CLI = ("import runpy, sys\nsys.argv = ['clover_core', *sys.argv[1:]]\ntry:\n"
        "    runpy.run_module('clover_core', run_name='__main__', alter_sys=True)\nfinally:\n    " + REPORT)
+# The baseline: the same command with streaming off (load_model, prune, save_pruned: the model whole).
+IN_MEMORY = ("import sys\nimport clover_core.__main__ as cli\ncli.streamable = lambda name: None\ntry:\n"
+             "    cli.main(sys.argv[1:])\nfinally:\n    " + REPORT)
 
 
-def write_checkpoint(name: str, folder: Path, shard_bytes: int) -> tuple[int, int, int]:
+def write_checkpoint(name: str, folder: Path, shard_bytes: int) -> tuple[int, int, int, int]:
     """A ``save_pretrained``-layout checkpoint with random weights, written tensor by tensor.
 
     Returns:
-        ``(total bytes, largest shard bytes, bytes of one transformer layer)``.
+        ``(total bytes, largest shard bytes, bytes of one layer, tensors written)``.
     """
     skeleton = build_model(name, "meta")
     state = skeleton.state_dict()
     stored = {n for n, _ in skeleton.named_parameters()}  # tied weights once, as save_pretrained writes them
     folder.mkdir(parents=True)
-    skeleton.config.architectures = [type(skeleton).__name__]
-    skeleton.config.save_pretrained(folder)
-    writer = ShardWriter(folder, shard_bytes, reserve=64 * 1024)
+    diffusers = hasattr(skeleton, "register_to_config")
+    if diffusers:
+        skeleton.save_config(folder)
+    else:
+        skeleton.config.architectures = [type(skeleton).__name__]
+        skeleton.config.save_pretrained(folder)
+    writer = ShardWriter(folder, shard_bytes, reserve=256 * 1024, stem=STEMS[diffusers])
     gen = torch.Generator().manual_seed(0)
-    for key in (k for k in state if k in stored):
+    keys = [k for k in state if k in stored]
+    for key in keys:
         t = torch.empty(state[key].shape)
-        t.fill_(1.0) if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else t.normal_(0, 0.02, generator=gen)
+        norm_scale = state[key].dim() == 1 and key.endswith("weight") and ("norm" in key or "ln_" in key)
+        t.fill_(1.0) if norm_scale else t.normal_(0, 0.02, generator=gen)
         writer.add({key: t})
     writer.close()
-    layer = sum(t.numel() * t.element_size() for k, t in state.items() if k.startswith("transformer.h.0."))
     shards = list(folder.glob("*.safetensors"))
-    return sum(p.stat().st_size for p in shards), max(p.stat().st_size for p in shards), layer
+    return (sum(p.stat().st_size for p in shards), max(p.stat().st_size for p in shards), layer_bytes(state, diffusers),
+            len(keys))
+
+
+def layer_bytes(state: dict[str, torch.Tensor], diffusers: bool) -> int:
+    """The bytes of one transformer layer (GPT-2), or of the UNet's largest transformer block."""
+
+    def block(key: str) -> str | None:
+        if diffusers:  # down_blocks.2.attentions.0.transformer_blocks.7.attn1.to_q.weight
+            head, sep, rest = key.partition(".transformer_blocks.")
+            return head + sep + rest.split(".")[0] if sep else None
+        return "transformer.h.0" if key.startswith("transformer.h.0.") else None
+
+    sizes: dict[str, int] = {}
+    for key, t in state.items():
+        if (name := block(key)) is not None:
+            sizes[name] = sizes.get(name, 0) + t.numel() * t.element_size()
+    return max(sizes.values())
 
 
 def peak_rss(code: str, *argv: str) -> tuple[int, float, str]:
@@ -86,22 +113,25 @@ def check_disk(folder: Path, need: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gpt2-xl", choices=["gpt2-xl", "gpt2-small"])
+    parser.add_argument("--model", default="gpt2-xl", choices=["gpt2-xl", "gpt2-small", "sdxl-unet"])
     parser.add_argument("--shard-size", default="1GB", help="input shard size (default 1GB)")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (default: the temp dir)")
     parser.add_argument("--prune", default="--ratio 0.5 --mode global --target qk",
                         help="pruning arguments passed to python -m clover_core prune")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints written")
+    parser.add_argument("--baseline", action="store_true", help="also run the same command with streaming off "
+                        "(the model loaded whole: needs about twice its size in memory) and compare")
     args = parser.parse_args(argv)
     from transformers.utils.hub import convert_file_size_to_int
 
     params = sum(p.numel() for p in build_model(args.model, "meta").parameters())
-    check_disk(Path(args.dir), int(params * 4 * 2.1))  # the checkpoint and its pruned copy, with margin
+    copies = 3.1 if args.baseline else 2.1  # the checkpoint and its pruned copies, with margin
+    check_disk(Path(args.dir), int(params * 4 * copies))
     work = Path(tempfile.mkdtemp(prefix="clover-stream-", dir=args.dir))
     try:
         start = time.perf_counter()
-        total, largest, layer = write_checkpoint(args.model, work / "src", convert_file_size_to_int(args.shard_size))
-        n_tensors = len(json.loads((work / "src" / "model.safetensors.index.json").read_text())["weight_map"].values())
+        total, largest, layer, n_tensors = write_checkpoint(args.model, work / "src",
+                                                            convert_file_size_to_int(args.shard_size))
         print(f"checkpoint: {args.model}, {gib(total)} in shards of <= {args.shard_size} (largest {gib(largest)}), "
               f"written in {time.perf_counter() - start:.0f} s; one layer = {gib(layer)}; {n_tensors} tensors")
         floor, _, _ = peak_rss(FLOOR, str(work / "src"))
@@ -117,6 +147,11 @@ def main(argv: list[str] | None = None) -> None:
               f"(target < 1)")
         print(f"  interpreter floor (imports + meta skeleton, no weights): {gib(floor)}; "
               f"peak above it: {gib(peak - floor)}")
+        if args.baseline:
+            base, base_seconds, _ = peak_rss(IN_MEMORY, "prune", "--model", str(work / "src"), "--out",
+                                             str(work / "in-memory"), *args.prune.split())
+            print(f"  baseline, loaded whole: peak RSS {gib(base)} in {base_seconds:.0f} s -> streamed / loaded whole "
+                  f"= {peak / base:.3f}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

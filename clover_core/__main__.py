@@ -20,7 +20,7 @@ from .data import wikitext_ids
 from .decompose import decompose, spectra
 from .models import EMBEDDED, load_model
 from .prune import PruneConfig, prune
-from .stream import is_sharded, stream_prune
+from .stream import stream_prune, streamable
 
 DEFAULT_MODEL = "gpt2-tiny-random"
 DEMO_WINDOW = 512  # demo perplexity: windows of this many tokens (or the model's positions), half overlapping
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(sp)
     sp.add_argument("--out", required=True, help="JSON file to write")
     pp = sub.add_parser("prune", help="prune a model and save it as a safetensors checkpoint folder; a sharded "
-                        "folder (model.safetensors.index.json) is streamed module by module, never loaded whole")
+                        "folder (*.safetensors.index.json), a diffusers model such as a pipeline's unet/, or a "
+                        "diffusers pipeline's UNet is streamed module by module, never loaded whole")
     _model_arg(pp)
     _prune_args(pp)
     pp.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
@@ -82,10 +83,15 @@ def _check_prune_args(args: argparse.Namespace) -> PruneConfig:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     config = _check_prune_args(args)
-    if is_sharded(args.model) and not checkpoint.is_checkpoint(args.model):  # larger than memory, maybe
-        out, pruned = stream_prune(args.model, args.out, config, dtype=DTYPES[args.dtype] if args.dtype else None)
+    source = streamable(args.model)  # larger than memory, maybe
+    if source is not None:
+        out, pruned = stream_prune(source, args.out, config, dtype=DTYPES[args.dtype] if args.dtype else None)
         print(_size_line("pruned", pruned))
-        print(f"saved to {out} (streamed module by module)")
+        if source != Path(args.model):
+            print(f"saved the pipeline's UNet to {out} (streamed module by module; its other components are "
+                  "unchanged: load the pipeline and pass it unet=, as the folder's README.md shows)")
+        else:
+            print(f"saved to {out} (streamed module by module)")
         return
     bundle = load_model(args.model)
     pruned = prune(bundle.model, ratio=args.ratio, target=args.target, method=args.method,
@@ -130,7 +136,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _size_line(label: str, model: torch.nn.Module) -> str:
     params, kv = metrics.parameter_count(model), metrics.kv_cache_bytes_per_token(model)
-    return f"{label:>9}: {params:>13,} parameters, {kv:>9,} KV-cache bytes/token"
+    cache = f", {kv:>9,} KV-cache bytes/token" if kv else ""  # a UNet keeps no cache
+    return f"{label:>9}: {params:>13,} parameters{cache}"
 
 
 def _fmt(values: torch.Tensor) -> str:

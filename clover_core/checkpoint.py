@@ -117,11 +117,19 @@ def _head_major(model: nn.Module):
 
 def _save_owned(model: nn.Module, folder: Path, dtype: torch.dtype | None, max_shard_size: str) -> None:
     if hasattr(model, "register_to_config"):  # diffusers: no state_dict argument, cast a copy
-        model = model if dtype is None else copy.deepcopy(model).to(dtype)
+        model = model if dtype is None else cast_model(copy.deepcopy(model), dtype)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
         return
     state = None if dtype is None else {k: v.to(dtype) for k, v in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)``; a diffusers model without modules to keep in float32 is cast by torch itself
+    (diffusers' override warns that modules "should be kept in float32" even when it lists none)."""
+    if hasattr(model, "register_to_config") and not getattr(model, "_keep_in_fp32_modules", None):
+        return nn.Module.to(model, dtype)
+    return model.to(dtype)
 
 
 def _save_processor(processor, folder: Path) -> None:
@@ -295,7 +303,7 @@ def load_pruned(folder: str | os.PathLike, *, dtype: torch.dtype | None = None) 
     _load_weights(model, folder)
     record(model, meta)
     _load_generation_config(model, folder)
-    return (model if dtype is None else model.to(dtype)).eval()
+    return (model if dtype is None else cast_model(model, dtype)).eval()
 
 
 def _skeleton(folder: Path, raw: dict, meta: dict) -> nn.Module:

@@ -9,9 +9,12 @@ see ``benchmarks/decompose_speed.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +79,12 @@ def _orthogonalize(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
     _check_factors(a, b, dtype)
     if out is not None:
         _check_out(a, b, out)
+    with full_precision_matmuls():
+        return _orthogonalize_checked(a, b, dtype, out)
+
+
+def _orthogonalize_checked(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
+                           out: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
     ac, bc = a.to(dtype), b.to(dtype)
     ta, tb, s, ok, vanilla = _gram_rotation(ac, bc)
     direct = out is not None and a.dtype == b.dtype == dtype  # the GEMMs write straight into ``out``
@@ -89,6 +98,70 @@ def _orthogonalize(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
     if out is not None and not direct:
         a_rot, b_rot = out[0].copy_(a_rot), out[1].copy_(b_rot)
     return a_rot.to(a.dtype), b_rot.to(b.dtype), s, vanilla.to(device=a.device, dtype=torch.float32)
+
+
+_PRECISION_LOCK = threading.Lock()
+_precision_users = 0
+_restore_precision: Callable[[], None] | None = None
+
+
+@contextlib.contextmanager
+def full_precision_matmuls() -> Iterator[None]:
+    """float32 matrix products computed in float32 inside the block, whatever the process asked for.
+
+    ``torch.set_float32_matmul_precision("high"/"medium")``, ``torch.backends.cuda.matmul.allow_tf32``
+    or the ``fp32_precision`` switches let float32 GEMMs run in TF32 (cuBLAS) or bfloat16 (oneDNN, on
+    CPUs that have it): about 1e-3 relative error on a GPU, where the decomposition promises float32
+    rounding. Where such a setting is on, it is switched to full float32 when the first caller enters
+    and restored, as it was, when the last one leaves (concurrent decompositions share the switch);
+    other threads' float32 GEMMs meanwhile run in full precision too: slower, never less exact. Where
+    none is on (the default), nothing is touched.
+    """
+    global _precision_users, _restore_precision
+    with _PRECISION_LOCK:
+        if _precision_users == 0:
+            _restore_precision = _set_full_precision()
+        _precision_users += 1
+    try:
+        yield
+    finally:
+        with _PRECISION_LOCK:
+            _precision_users -= 1
+            if _precision_users == 0:
+                restore, _restore_precision = _restore_precision, None
+                restore()
+
+
+_MATMUL_SWITCHES = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)  # what the GEMM kernels read
+
+
+def _set_full_precision() -> Callable[[], None]:
+    """Switch float32 GEMMs to full precision if they are not; returns what restores the setting.
+
+    The kernels read the per-backend switches. PyTorch also keeps the legacy process-wide precision,
+    and its legacy getters raise when the two disagree, so both are changed together: through
+    ``torch.set_float32_matmul_precision`` when the legacy value is readable, then the per-backend
+    values are put back exactly as they read before."""
+    saved = [s.fp32_precision for s in _MATMUL_SWITCHES]
+    if saved[0] != "tf32" and saved[1] not in ("bf16", "tf32"):
+        return lambda: None
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the legacy and per-backend switches already disagree: leave the legacy one be
+        legacy = None
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")
+    for s in _MATMUL_SWITCHES:
+        s.fp32_precision = "ieee"
+
+    def restore() -> None:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for s, value in zip(_MATMUL_SWITCHES, saved):
+            if s.fp32_precision != value:
+                s.fp32_precision = value
+
+    return restore
 
 
 def _rank_major_copy(t: torch.Tensor) -> torch.Tensor:

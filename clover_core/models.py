@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .checkpoint import is_checkpoint, load_pruned, read_config
+from .checkpoint import cast_model, is_checkpoint, load_pruned, read_config
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = N
     else:
         model, processor = _from_hub(name)
     if dtype is not None:
-        model = model.to(dtype)
+        model = cast_model(model, dtype)
     return ModelBundle(model.eval(), processor, name)
 
 
@@ -185,13 +185,22 @@ def _from_folder(folder: Path) -> tuple[nn.Module, object]:
 
 def _diffusers_model(folder: Path, class_name: object) -> nn.Module:
     """A diffusers model saved on its own (``config.json`` naming its class, as a pipeline's ``unet/``)."""
+    return diffusers_class(folder, class_name).from_pretrained(str(folder), use_safetensors=True)  # never a pickle
+
+
+def diffusers_class(folder: Path, class_name: object) -> type[nn.Module]:
+    """The diffusers model class a folder's ``config.json`` names in ``_class_name``.
+
+    Raises:
+        ValueError: the name is not a diffusers model class.
+    """
     import diffusers
 
     cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ValueError(f"{folder / 'config.json'} names _class_name={class_name!r}, which is not a diffusers "
                          "model class")
-    return cls.from_pretrained(str(folder), use_safetensors=True)  # never a pickle
+    return cls
 
 
 def _from_hub(name: str) -> tuple[nn.Module, object]:

@@ -1,4 +1,4 @@
-"""Prune a sharded safetensors checkpoint that does not fit in memory, one attention module at a time.
+"""Prune a safetensors checkpoint that does not fit in memory, one attention module at a time.
 
 The model exists only as a skeleton on the ``meta`` device (shapes, no weights). Tensors are read one
 at a time from the shards, straight into their own buffers (no whole-shard loads, no memory maps whose
@@ -8,6 +8,10 @@ memory is one attention module (or the largest single tensor) plus the interpret
 model's size. Mode ``global`` needs every head's scores before its one threshold is known: a first
 pass keeps only the singular values (and vanilla scores), a second one writes. The result is the
 folder :func:`clover_core.save_pruned` writes for ``clover_core.prune`` of the same model.
+
+Checkpoints in both layouts stream: transformers (``model.safetensors``, sharded behind
+``model.safetensors.index.json``) and diffusers models such as a pipeline's ``unet/``
+(``diffusion_pytorch_model.safetensors`` and its index), written back in the layout they came in.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .adapters import attention_modules
-from .checkpoint import _check_target, _replace, _save_processor, _update_config, read_config, unreadable
+from .checkpoint import (_check_target, _replace, _save_processor, _update_config, cast_model, is_checkpoint,
+                         read_config, unreadable)
 from .decompose import Decomposition, ModuleDecomposition, PairDecomposition, decompose_module
 from .model_card import CARD, model_card
 from .prune import PruneConfig, plan, prune_module, pruning_meta, record, set_submodule
@@ -38,17 +43,44 @@ from .remote import export_code
 
 log = logging.getLogger(__name__)
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+STEMS = ("model", "diffusion_pytorch_model")  # the weight files' names: transformers, diffusers
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def index_name(stem: str) -> str:
+    return f"{stem}.safetensors.index.json"
+
+
 def is_sharded(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a sharded transformers checkpoint (``model.safetensors.index.json``)."""
-    return (Path(folder) / INDEX).is_file()
+    """Whether ``folder`` holds a sharded checkpoint (``model.safetensors.index.json``, or diffusers'
+    ``diffusion_pytorch_model.safetensors.index.json``)."""
+    return any((Path(folder) / index_name(stem)).is_file() for stem in STEMS)
+
+
+def streamable(name: str | os.PathLike) -> Path | None:
+    """The folder ``python -m clover_core prune`` streams for ``--model name``, or None (loaded whole):
+    a sharded checkpoint that is not already pruned, a diffusers model such as a pipeline's ``unet/``
+    (sharded or not: diffusers ships SDXL's UNet as one 10 GB file), or a diffusers pipeline, whose
+    ``unet/`` is the only part CLOVER prunes and writes (its other components are never read)."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return None
+    if (folder / "model_index.json").is_file():
+        folder = folder / "unet"
+        if not (folder / "config.json").is_file():
+            return None
+    elif is_checkpoint(folder):
+        return None
+    if is_sharded(folder):
+        return folder
+    try:
+        raw = read_config(folder)
+    except ValueError:  # loading it whole gives the error
+        return None
+    return folder if "_class_name" in raw and "model_type" not in raw else None
 
 
 CHUNK = 16 * 2**20  # bytes copied at a time when a tensor passes through unchanged
@@ -109,18 +141,23 @@ class SafetensorsFile:
 
 
 class Checkpoint:
-    """The safetensors shards of a transformers checkpoint folder, addressed by tensor name."""
+    """The safetensors shards of a checkpoint folder, addressed by tensor name; ``stem`` is the weight
+    files' name (``model``, or ``diffusion_pytorch_model`` for diffusers)."""
 
     def __init__(self, folder: Path):
-        if (folder / INDEX).is_file():
+        self.stem = next((s for s in STEMS if (folder / index_name(s)).is_file()), None)
+        if self.stem is not None:
+            index = folder / index_name(self.stem)
             try:
-                shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{folder / INDEX} is not a valid safetensors index ({e})") from None
-        elif (folder / SINGLE).is_file():
-            shards = [SINGLE]
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+                raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
         else:
-            raise ValueError(f"{folder} holds no {SINGLE} or {INDEX}; streaming needs a safetensors checkpoint")
+            self.stem = next((s for s in STEMS if (folder / f"{s}.safetensors").is_file()), None)
+            if self.stem is None:
+                names = " or ".join(f"{s}.safetensors (or its index)" for s in STEMS)
+                raise ValueError(f"{folder} holds no {names}; streaming needs a safetensors checkpoint")
+            shards = [f"{self.stem}.safetensors"]
         self.files = [SafetensorsFile(folder / s) for s in shards]
         self.where = {key: f for f in self.files for key in f.entries}
 
@@ -144,8 +181,8 @@ class ShardWriter:
     """Writes ``.safetensors`` shards tensor by tensor: the data first, behind a header slot reserved
     for every tensor name the model has, then the header (padded with spaces, as safetensors allows)."""
 
-    def __init__(self, folder: Path, max_bytes: int, reserve: int):
-        self.folder, self.max_bytes, self.reserve = folder, max_bytes, reserve
+    def __init__(self, folder: Path, max_bytes: int, reserve: int, stem: str = "model"):
+        self.folder, self.max_bytes, self.reserve, self.stem = folder, max_bytes, reserve, stem
         self.shards: list[tuple[Path, dict]] = []
         self.file = None
 
@@ -187,27 +224,29 @@ class ShardWriter:
         """Finish the last shard, give the shards their final names; returns the weight map."""
         self._finish()
         if len(self.shards) == 1:
-            self.shards[0][0].rename(self.folder / SINGLE)
+            self.shards[0][0].rename(self.folder / f"{self.stem}.safetensors")
             return {}
         weight_map, total = {}, 0
         for i, (path, header) in enumerate(self.shards):
-            name = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            name = f"{self.stem}-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
             path.rename(self.folder / name)
             for key, entry in header.items():
                 if key != "__metadata__":
                     weight_map[key] = name
                     total += entry["data_offsets"][1] - entry["data_offsets"][0]
-        (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                    indent=2, sort_keys=True) + "\n")
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / index_name(self.stem)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return weight_map
 
 
 def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneConfig, *,
                  dtype: torch.dtype | None = None, max_shard_size: int | str = "2GB") -> tuple[Path, nn.Module]:
-    """Prune a transformers safetensors checkpoint folder into ``out`` without ever loading it whole.
+    """Prune a safetensors checkpoint folder into ``out`` without ever loading it whole.
 
     Args:
-        src: the checkpoint folder (``config.json`` and ``model.safetensors`` or a sharded index).
+        src: the checkpoint folder: a transformers model (``config.json`` and ``model.safetensors`` or a
+            sharded index) or a diffusers model such as a pipeline's ``unet/`` (``config.json`` naming
+            its ``_class_name``, and ``diffusion_pytorch_model.safetensors`` or its index).
         out: the folder to write, atomically (same rules as :func:`clover_core.save_pruned`).
         config: what to prune and how.
         dtype: cast the written weights; default: the checkpoint's dtype.
@@ -235,17 +274,19 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        writer = ShardWriter(tmp, convert_file_size_to_int(max_shard_size), _header_bound(skeleton, stream.attention))
+        writer = ShardWriter(tmp, convert_file_size_to_int(max_shard_size), _header_bound(skeleton, stream.attention),
+                             ckpt.stem)
         for unit in stream.units(masks):
             writer.add({k: _cast(v, dtype) for k, v in unit.items()})
             del unit
             _release_freed_memory()
         writer.close()
-        record(skeleton, pruning_meta(original, config, stream.ranks))
+        meta = pruning_meta(original, config, stream.ranks)
+        record(skeleton, meta)
         _write_folder(skeleton, src, tmp, dtype or ckpt.float_dtype())
         auto_map = export_code(skeleton, tmp)
         _update_config(tmp, auto_map, dtype)
-        (tmp / CARD).write_text(model_card(skeleton, skeleton.config.clover, out.name, auto_map, dtype))
+        (tmp / CARD).write_text(model_card(skeleton, meta, out.name, auto_map, dtype))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -349,12 +390,23 @@ def _cast(t: torch.Tensor | StoredTensor, dtype: torch.dtype | None) -> torch.Te
 
 def _skeleton(src: Path, dtype: torch.dtype) -> nn.Module:
     """The checkpoint's model on the ``meta`` device, as :func:`clover_core.load_model` would build it."""
+    raw = read_config(src)  # a clear error if config.json is missing or broken
+    if "clover" in raw:
+        raise ValueError(f"{src} is already a CLOVER checkpoint; prune the original model instead")
+    if "_class_name" in raw and "model_type" not in raw:  # a diffusers model, e.g. a pipeline's unet/
+        from .models import diffusers_class
+
+        cls = diffusers_class(src, raw["_class_name"])
+        try:
+            with torch.device("meta"):
+                model = cls.from_config(raw)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"{src / 'config.json'} does not describe a valid {raw['_class_name']} ({e})") from None
+        model.register_to_config(_name_or_path=str(src))  # as from_pretrained records it
+        return cast_model(model, dtype).eval()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
 
-    read_config(src)  # a clear error if config.json is missing or broken
     config = AutoConfig.from_pretrained(src, local_files_only=True)
-    if "clover" in read_config(src):
-        raise ValueError(f"{src} is already a CLOVER checkpoint; prune the original model instead")
     auto = AutoModelForSpeechSeq2Seq if config.model_type == "whisper" else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config)
@@ -392,9 +444,13 @@ def _header_bound(skeleton: nn.Module, attention: dict[str, tuple[nn.Module, obj
 
 
 def _write_folder(skeleton: nn.Module, src: Path, folder: Path, dtype: torch.dtype) -> None:
-    """config.json (with the record), generation config and processor, as ``save_pretrained`` would."""
+    """config.json (with the record), generation config and processor, as ``save_pretrained`` would
+    (a diffusers model: its config alone)."""
     from .models import _processor
 
+    if hasattr(skeleton, "register_to_config"):  # diffusers: the record is registered in its config
+        skeleton.save_config(folder)
+        return
     skeleton.config.dtype = str(dtype).removeprefix("torch.")
     skeleton.config.architectures = [type(skeleton).__name__]
     skeleton.config.save_pretrained(folder)

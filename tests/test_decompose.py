@@ -194,3 +194,70 @@ def test_split_heads_folds_the_bias_and_keeps_the_weight_layout(bias, layout, ra
     assert torch.equal(got, expected)
     assert got.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()  # a copy, not a view
     assert (got.stride(1) == 1) == (layout == "linear")  # nn.Linear: each head's columns contiguous
+
+
+# Reduced float32 matmul precision (TF32 on cuBLAS, bfloat16 in oneDNN): lifted while the engine runs.
+
+SWITCHES = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+PRECISION_SETTINGS = {
+    "legacy medium": lambda: torch.set_float32_matmul_precision("medium"),
+    "legacy high": lambda: torch.set_float32_matmul_precision("high"),
+    "legacy allow_tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "oneDNN bf16": lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
+    "cuBLAS tf32": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+}
+
+
+def precision_readings():
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch refuses to read it once the legacy and per-backend switches disagree
+        legacy = "mixed"
+    return legacy, [s.fp32_precision for s in SWITCHES]
+
+
+@pytest.fixture
+def reduced_precision():
+    """Set one of PRECISION_SETTINGS; afterwards the defaults come back (legacy and per-backend)."""
+    yield lambda name: PRECISION_SETTINGS[name]()
+    torch.set_float32_matmul_precision("highest")
+    for s in SWITCHES:
+        s.fp32_precision = "none"
+
+
+@pytest.mark.parametrize("setting", list(PRECISION_SETTINGS))
+def test_reduced_matmul_precision_is_lifted_while_decomposing_and_restored(setting, reduced_precision, make_gpt2,
+                                                                          monkeypatch):
+    engine = __import__("clover_core.decompose", fromlist=["_gram"])
+    model = make_gpt2("5x8")
+    expected = cc.decompose(model)
+    reduced_precision(setting)
+    before = precision_readings()
+    seen = []
+    real_gram = engine._gram
+    monkeypatch.setattr(engine, "_gram", lambda x: seen.append([s.fp32_precision for s in SWITCHES]) or real_gram(x))
+    got = cc.decompose(model)
+    assert seen and all(values == ["ieee", "ieee"] for values in seen)  # the GEMMs ran in full float32
+    assert precision_readings() == before  # and the setting is back as it was
+    for name, md in expected.modules.items():  # the same bits as at full precision
+        for pair, pd in md.pairs.items():
+            other = got.modules[name].pairs[pair]
+            assert torch.equal(pd.s, other.s) and torch.equal(pd.a, other.a) and torch.equal(pd.b, other.b), name
+
+
+def test_the_precision_switch_is_shared_and_untouched_by_default(reduced_precision, monkeypatch):
+    from clover_core.decompose import full_precision_matmuls
+
+    def refuse(*args):
+        raise AssertionError("the default precision was changed")
+
+    with monkeypatch.context() as m:  # full precision already: nothing is written
+        m.setattr(torch, "set_float32_matmul_precision", refuse)
+        with full_precision_matmuls():
+            assert precision_readings() == ("highest", ["none", "none"])
+    reduced_precision("legacy high")
+    with full_precision_matmuls():
+        with full_precision_matmuls():
+            pass
+        assert precision_readings() == ("highest", ["ieee", "ieee"])  # the inner block left it on for the outer
+    assert precision_readings() == ("high", ["tf32", "tf32"])

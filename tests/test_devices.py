@@ -1,7 +1,8 @@
 """The engine on every device torch has here: the CPU always, CUDA wherever there is one.
 
 On a CUDA machine these check what the CPU suite cannot: the decomposition with its Grams and
-rotations on the device (and the small float64 algebra on the host), pruning, the slider and
+rotations on the device (and the small float64 algebra on the host), its float32 exactness with
+TF32 matmuls switched on, pruning, the slider and
 ``generate()`` give the CPU's results, and pruned attention in half precision runs the fused kernel
 its width rule pads for (see ``clover_core.remote.clover_attention.fused_widths``).
 """
@@ -44,6 +45,27 @@ def test_decomposition_on_the_device_matches_the_cpu(make_gpt2, make_llama, devi
                 torch.testing.assert_close(got.vanilla.cpu(), ref.vanilla, **FP32)
                 # The same products (the singular vectors' signs may differ between devices).
                 torch.testing.assert_close((got.a @ got.b.mT).cpu(), ref.a @ ref.b.mT, **FP32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tf32_and_bf16_matmuls_leave_the_decomposition_unchanged(make_gpt2, device):
+    """With the process's float32 matmuls in TF32 (cuBLAS) and bfloat16 (oneDNN), the decomposition on
+    the device has the same bits as at full precision: the engine lifts the setting while it runs."""
+    model = copy.deepcopy(make_gpt2("3x16")).to(device)
+    expected = cc.decompose(model, rank_major=True)
+    switches = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    try:
+        for switch, value in zip(switches, ("tf32", "bf16")):
+            switch.fp32_precision = value
+        got = cc.decompose(model, rank_major=True)
+        assert [s.fp32_precision for s in switches] == ["tf32", "bf16"]  # restored afterwards
+    finally:
+        for switch in switches:
+            switch.fp32_precision = "none"
+    for name, md in expected.modules.items():
+        for pair, pd in md.pairs.items():
+            other = got.modules[name].pairs[pair]
+            assert torch.equal(pd.s, other.s) and torch.equal(pd.a, other.a) and torch.equal(pd.b, other.b), name
 
 
 @pytest.mark.parametrize("device", DEVICES)

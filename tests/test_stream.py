@@ -13,6 +13,7 @@ from clover_core.decompose import orthogonalize
 from clover_core.prune import PruneConfig, select_columns
 from clover_core.stream import stream_prune
 
+from .conftest import unet_inputs
 from .tolerances import FP32, SAME_MATH, SAME_MATH_FP16
 
 engine = importlib.import_module("clover_core.decompose")  # the module (the package re-exports a function of that name)
@@ -99,6 +100,101 @@ def test_a_truncated_shard_is_named(make_gpt2, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
         stream_prune(src, tmp_path / "out", PruneConfig(ratio=0.5))
+
+
+def assert_same_unet(a, b):
+    ma, mb = cc.load_pruned(a), cc.load_pruned(b)
+    assert ma.config.clover == mb.config.clover
+    sa, sb = ma.state_dict(), mb.state_dict()
+    assert sa.keys() == sb.keys()
+    tol = SAME_MATH_FP16 if any(t.dtype == torch.float16 for t in sa.values()) else SAME_MATH
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        torch.testing.assert_close(sa[key], sb[key], **tol, msg=key)
+    sample, t, text, added = unet_inputs()
+    with torch.no_grad():
+        out_a, out_b = (m.float()(sample, t, text, added_cond_kwargs=added).sample for m in (ma, mb))
+    torch.testing.assert_close(out_a, out_b, **tol)
+
+
+def test_streamed_diffusers_unet_equals_the_in_memory_route(make_unet, tmp_path):
+    """A sharded diffusers model (``diffusion_pytorch_model-*`` behind its index) streams, and is
+    written back in that layout."""
+    make_unet().save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    assert (tmp_path / "src" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    model = cc.load_model(tmp_path / "src").model
+    expected = cc.save_pruned(cc.prune(model, ratio=0.5, target="both", mode="global"), tmp_path / "memory")
+    out, skeleton = stream_prune(tmp_path / "src", tmp_path / "stream",
+                                 PruneConfig(ratio=0.5, target="both", mode="global"), max_shard_size="60KB")
+    assert (out / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert len(list(out.glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    assert not list(out.glob("model*.safetensors*"))  # the layout it came in
+    assert next(skeleton.parameters()).is_meta
+    config = {k: v for k, v in read_json(out / "config.json").items() if k != "_name_or_path"}
+    assert config == {k: v for k, v in read_json(expected / "config.json").items() if k != "_name_or_path"}
+    assert (out / "modeling_clover_unet.py").is_file()
+    assert_same_unet(expected, out)
+
+
+def test_cli_streams_a_diffusers_model_saved_in_one_file(make_unet, tmp_path, capsys):
+    """Diffusers ships big models unsharded (SDXL's UNet: one 10 GB file); they stream all the same."""
+    unet = make_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    expected = cc.save_pruned(cc.prune(unet, ratio=0.25, target="qk"), tmp_path / "memory", dtype=torch.float16)
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tmp_path / "unet"), "--ratio", "0.25", "--target", "qk", "--dtype", "float16",
+            "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "streamed module by module" in printed and "KV-cache" not in printed  # a UNet keeps no cache
+    assert {t.dtype for t in load_file(out / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    assert_same_unet(expected, out)
+
+
+def test_cli_streams_a_pipelines_unet_and_reads_nothing_else(tmp_path, capsys, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    unet, pipe = cc.models.sdxl_tiny_random()
+    pipe.save_pretrained(tmp_path / "pipe")
+    expected = cc.save_pruned(cc.prune(unet, ratio=0.5, target="vo", mode="global"), tmp_path / "memory")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole pipeline was loaded")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", refuse)
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tmp_path / "pipe"), "--ratio", "0.5", "--mode", "global", "--target", "vo",
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert "saved the pipeline's UNet" in capsys.readouterr().out
+    assert (out / "diffusion_pytorch_model.safetensors").is_file() and not (out / "model_index.json").exists()
+    assert_same_unet(expected, out)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"_class_name": "Nope"}, "names _class_name='Nope', which is not a diffusers model class"),
+    ({"_class_name": "UNet2DConditionModel", "down_block_types": ["Nope"], "up_block_types": ["Nope"],
+      "block_out_channels": [32]}, "config.json does not describe a valid UNet2DConditionModel"),
+    ({"_class_name": "UNet2DConditionModel"}, "the checkpoint lacks 686 tensors the model needs"),
+])
+def test_a_broken_diffusers_folder_is_named_before_anything_is_written(config, message, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    save_file({"x": torch.zeros(1)}, tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    assert main(["prune", "--model", str(tmp_path / "unet"), "--ratio", "0.5", "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet"]
+
+
+def read_json(path):
+    import json
+
+    return json.loads(path.read_text())
 
 
 # The decomposition routes: Gram (two GEMM passes) for ordinary heads, Householder QR for the rest.

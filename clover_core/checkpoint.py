@@ -344,16 +344,7 @@ def _empty_model(folder: Path, raw: dict) -> nn.Module:
     """The original architecture named by the config, with uninitialized weights."""
     raw = {k: v for k, v in raw.items() if k != "auto_map"}  # the folder's remote code, not used here
     if "_class_name" in raw:  # a diffusers model
-        import diffusers
-
-        cls = getattr(diffusers, str(raw["_class_name"]), None) or base_class(str(raw["_class_name"]))
-        if cls is None or not hasattr(cls, "from_config"):
-            raise ValueError(f"{folder / CONFIG} names class {raw['_class_name']!r}, which diffusers does not provide")
-        try:
-            return cls.from_config({k: v for k, v in raw.items() if k != "clover"})
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
-            raise ValueError(f"{folder / CONFIG} does not describe a valid {raw['_class_name']} ({e}); "
-                             "the checkpoint was tampered with or mixed up") from None
+        return diffusers_from_config(folder, raw, "; the checkpoint was tampered with or mixed up")
     arches = raw.get("architectures")
     arch = arches[0] if isinstance(arches, list) and arches else None
     cls = getattr(transformers, str(arch), None) or base_class(str(arch))
@@ -369,6 +360,41 @@ def _empty_model(folder: Path, raw: dict) -> nn.Module:
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
         raise ValueError(f"{folder / CONFIG} does not describe a valid {arch} ({e}); "
                          "the checkpoint was tampered with or mixed up") from None
+
+
+def is_diffusers_config(raw: dict) -> bool:
+    """Whether a ``config.json`` describes one diffusers model (it names its ``_class_name``; a
+    transformers config has a ``model_type``), such as a pipeline's ``unet/``."""
+    return "_class_name" in raw and "model_type" not in raw
+
+
+def diffusers_class(folder: Path, class_name: object) -> type[nn.Module]:
+    """The diffusers model class a folder's ``config.json`` names in ``_class_name`` (or the library
+    class a shipped CLOVER class extends).
+
+    Raises:
+        ValueError: the name is not a diffusers model class.
+    """
+    import diffusers
+
+    cls = (getattr(diffusers, class_name, None) or base_class(class_name)) if isinstance(class_name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ValueError(f"{folder / CONFIG} names _class_name={class_name!r}, which is not a diffusers model class")
+    return cls
+
+
+def diffusers_from_config(folder: Path, raw: dict, hint: str = "") -> nn.Module:
+    """The diffusers model ``raw`` (a folder's ``config.json``) describes, built from the config alone
+    (on the current default device: ``meta`` for a skeleton).
+
+    Raises:
+        ValueError: not a diffusers model class, or a config the class rejects (``hint`` ends the message).
+    """
+    cls = diffusers_class(folder, raw["_class_name"])
+    try:
+        return cls.from_config({k: v for k, v in raw.items() if k != "clover"})
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{folder / CONFIG} does not describe a valid {raw['_class_name']} ({e}){hint}") from None
 
 
 def _submodule(model: nn.Module, name: str, folder: Path) -> nn.Module:

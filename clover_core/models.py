@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .checkpoint import cast_model, is_checkpoint, load_pruned, read_config
+from .checkpoint import cast_model, diffusers_class, is_checkpoint, is_diffusers_config, load_pruned, read_config
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _from_folder(folder: Path) -> tuple[nn.Module, object]:
     config = read_config(folder)  # a clear error if config.json is missing or broken
     if is_checkpoint(folder):
         return load_pruned(folder), _processor(str(folder), local_only=True)
-    if "_class_name" in config and "model_type" not in config:  # one model of a pipeline, e.g. its unet/
+    if is_diffusers_config(config):  # one model of a pipeline, e.g. its unet/
         return _diffusers_model(folder, config["_class_name"]), None
     return _auto_model(str(folder), local_only=True), _processor(str(folder), local_only=True)
 
@@ -186,21 +186,6 @@ def _from_folder(folder: Path) -> tuple[nn.Module, object]:
 def _diffusers_model(folder: Path, class_name: object) -> nn.Module:
     """A diffusers model saved on its own (``config.json`` naming its class, as a pipeline's ``unet/``)."""
     return diffusers_class(folder, class_name).from_pretrained(str(folder), use_safetensors=True)  # never a pickle
-
-
-def diffusers_class(folder: Path, class_name: object) -> type[nn.Module]:
-    """The diffusers model class a folder's ``config.json`` names in ``_class_name``.
-
-    Raises:
-        ValueError: the name is not a diffusers model class.
-    """
-    import diffusers
-
-    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise ValueError(f"{folder / 'config.json'} names _class_name={class_name!r}, which is not a diffusers "
-                         "model class")
-    return cls
 
 
 def _from_hub(name: str) -> tuple[nn.Module, object]:

@@ -34,8 +34,8 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .adapters import attention_modules
-from .checkpoint import (_check_target, _replace, _save_processor, _update_config, cast_model, is_checkpoint,
-                         read_config, unreadable)
+from .checkpoint import (_check_target, _replace, _save_processor, _update_config, cast_model, diffusers_from_config,
+                         is_checkpoint, is_diffusers_config, read_config, unreadable)
 from .decompose import Decomposition, ModuleDecomposition, PairDecomposition, decompose_module
 from .model_card import CARD, model_card
 from .prune import PruneConfig, plan, prune_module, pruning_meta, record, set_submodule
@@ -80,7 +80,7 @@ def streamable(name: str | os.PathLike) -> Path | None:
         raw = read_config(folder)
     except ValueError:  # loading it whole gives the error
         return None
-    return folder if "_class_name" in raw and "model_type" not in raw else None
+    return folder if is_diffusers_config(raw) else None
 
 
 CHUNK = 16 * 2**20  # bytes copied at a time when a tensor passes through unchanged
@@ -393,15 +393,9 @@ def _skeleton(src: Path, dtype: torch.dtype) -> nn.Module:
     raw = read_config(src)  # a clear error if config.json is missing or broken
     if "clover" in raw:
         raise ValueError(f"{src} is already a CLOVER checkpoint; prune the original model instead")
-    if "_class_name" in raw and "model_type" not in raw:  # a diffusers model, e.g. a pipeline's unet/
-        from .models import diffusers_class
-
-        cls = diffusers_class(src, raw["_class_name"])
-        try:
-            with torch.device("meta"):
-                model = cls.from_config(raw)
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
-            raise ValueError(f"{src / 'config.json'} does not describe a valid {raw['_class_name']} ({e})") from None
+    if is_diffusers_config(raw):  # a diffusers model, e.g. a pipeline's unet/
+        with torch.device("meta"):
+            model = diffusers_from_config(src, raw)
         model.register_to_config(_name_or_path=str(src))  # as from_pretrained records it
         return cast_model(model, dtype).eval()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSpeechSeq2Seq

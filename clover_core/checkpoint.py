@@ -14,10 +14,12 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -411,7 +413,7 @@ def unreadable(path: Path, error: Exception) -> ValueError:
 
 def _load_weights(model: nn.Module, folder: Path) -> None:
     state: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder):
+    for path in weight_files(folder).files:
         try:
             state.update(load_file(path))
         except (SafetensorError, OSError) as e:
@@ -432,16 +434,64 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
     tie()
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder: the single file, or the shards its index lists."""
+@dataclass(frozen=True)
+class WeightFiles:
+    """A folder's safetensors weights: ``stem`` (``model``, or ``diffusion_pytorch_model`` for diffusers),
+    ``variant`` (``fp16`` for ``diffusion_pytorch_model.fp16.safetensors``, None for plain names) and
+    ``files``: the single file, or the shards its index lists."""
+
+    stem: str
+    variant: str | None
+    files: list[Path]
+
+
+def weight_files(folder: Path) -> WeightFiles:
+    """Where ``folder``'s weights are: ``{stem}.safetensors`` or the shards of
+    ``{stem}.safetensors.index.json``, or, in a folder holding only one variant of them (see
+    :func:`weights_variant`), ``{stem}.{variant}.safetensors`` or ``{stem}.safetensors.index.{variant}.json``.
+
+    Raises:
+        ValueError: no weights, several variants and no plain weights, or a broken index.
+    """
+    variant = weights_variant(folder)
+    single, index = (f".{variant}.safetensors", f".safetensors.index.{variant}.json") if variant else \
+        (".safetensors", ".safetensors.index.json")
     for stem in WEIGHT_NAMES:
-        if (folder / f"{stem}.safetensors").is_file():
-            return [folder / f"{stem}.safetensors"]
-    index = next((p for s in WEIGHT_NAMES if (p := folder / f"{s}.safetensors.index.json").is_file()), None)
-    if index is None:
-        raise ValueError(f"{folder} holds no model.safetensors (or diffusion_pytorch_model.safetensors) or index")
+        if (folder / f"{stem}{single}").is_file():
+            return WeightFiles(stem, variant, [folder / f"{stem}{single}"])
+    stem = next((s for s in WEIGHT_NAMES if (folder / f"{s}{index}").is_file()), None)
+    if stem is None:
+        raise ValueError(f"{folder} holds no model.safetensors or diffusion_pytorch_model.safetensors (or their "
+                         "index); CLOVER reads safetensors checkpoints")
+    path = folder / f"{stem}{index}"
     try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
-    return [folder / s for s in shards]
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path} is not a valid safetensors index ({e})") from None
+    return WeightFiles(stem, variant, [folder / s for s in shards])
+
+
+# A variant's weights: diffusion_pytorch_model.fp16.safetensors, or the index of its shards
+# (diffusion_pytorch_model.safetensors.index.fp16.json), as save_pretrained(variant="fp16") names them.
+_VARIANT_FILE = re.compile(r"(?:model|diffusion_pytorch_model)(?:\.safetensors\.index\.([\w-]+)\.json|\.([\w-]+)\.safetensors)")
+_SHARD = re.compile(r".*-\d+-of-\d+")  # diffusion_pytorch_model.fp16-00001-of-00003.safetensors: a shard
+
+
+def weights_variant(folder: str | os.PathLike) -> str | None:
+    """The variant of the weights in ``folder`` when it holds only variant files (``fp16`` for a
+    ``diffusion_pytorch_model.fp16.safetensors`` alone, as SDXL's UNet downloaded with
+    ``variant="fp16"`` is), else None (plain weights, or none at all).
+
+    Raises:
+        ValueError: several variants and no plain weights: which one to read is the user's choice.
+    """
+    folder = Path(folder)
+    plain = [f"{stem}{suffix}" for stem in WEIGHT_NAMES for suffix in (".safetensors", ".safetensors.index.json")]
+    if any((folder / name).is_file() for name in plain) or not folder.is_dir():
+        return None
+    names = {m[1] or m[2] for p in folder.iterdir() if (m := _VARIANT_FILE.fullmatch(p.name))}
+    found = sorted(v for v in names if not _SHARD.fullmatch(v))
+    if len(found) > 1:
+        raise ValueError(f"{folder} holds the weight variants {', '.join(found)} and no plain weights; move the "
+                         "ones not to prune out of the folder")
+    return found[0] if found else None

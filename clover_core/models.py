@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .checkpoint import cast_model, diffusers_class, is_checkpoint, is_diffusers_config, load_pruned, read_config
+from .checkpoint import (cast_model, diffusers_class, is_checkpoint, is_diffusers_config, load_pruned, read_config,
+                         weights_variant)
 
 log = logging.getLogger(__name__)
 
@@ -173,19 +174,22 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = N
 
 
 def _from_folder(folder: Path) -> tuple[nn.Module, object]:
-    if (folder / "model_index.json").is_file():
-        return _diffusion(str(folder), local_only=True)
+    if (folder / "model_index.json").is_file():  # the UNet's weights tell the variant (SDXL: often fp16 only)
+        return _diffusion(str(folder), local_only=True, variant=weights_variant(folder / "unet"))
     config = read_config(folder)  # a clear error if config.json is missing or broken
     if is_checkpoint(folder):
         return load_pruned(folder), _processor(str(folder), local_only=True)
     if is_diffusers_config(config):  # one model of a pipeline, e.g. its unet/
         return _diffusers_model(folder, config["_class_name"]), None
-    return _auto_model(str(folder), local_only=True), _processor(str(folder), local_only=True)
+    return _auto_model(str(folder), local_only=True, variant=weights_variant(folder)), \
+        _processor(str(folder), local_only=True)
 
 
 def _diffusers_model(folder: Path, class_name: object) -> nn.Module:
-    """A diffusers model saved on its own (``config.json`` naming its class, as a pipeline's ``unet/``)."""
-    return diffusers_class(folder, class_name).from_pretrained(str(folder), use_safetensors=True)  # never a pickle
+    """A diffusers model saved on its own (``config.json`` naming its class, as a pipeline's ``unet/``),
+    with plain or variant weights (``diffusion_pytorch_model.fp16.safetensors``)."""
+    return diffusers_class(folder, class_name).from_pretrained(str(folder), use_safetensors=True,  # never a pickle
+                                                               variant=weights_variant(folder))
 
 
 def _from_hub(name: str) -> tuple[nn.Module, object]:
@@ -199,13 +203,13 @@ def _from_hub(name: str) -> tuple[nn.Module, object]:
         raise ValueError(f"model={name!r} {where}. Offline models: {', '.join(EMBEDDED)}") from None
 
 
-def _auto_model(name: str, local_only: bool) -> nn.Module:
+def _auto_model(name: str, local_only: bool, variant: str | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
 
     config = AutoConfig.from_pretrained(name, local_files_only=local_only)
     auto = AutoModelForSpeechSeq2Seq if config.model_type == "whisper" else AutoModelForCausalLM
-    try:
-        return auto.from_pretrained(name, local_files_only=local_only, use_safetensors=True)  # never a pickle
+    try:  # safetensors only: never a pickle
+        return auto.from_pretrained(name, local_files_only=local_only, use_safetensors=True, variant=variant)
     except ValueError as e:
         raise ValueError(f"model={name!r} ({config.model_type}) is not a language or speech model "
                          f"CLOVER Studio can load: {e}") from None
@@ -221,10 +225,10 @@ def _is_diffusion_repo(name: str, local_only: bool) -> bool:
         return False
 
 
-def _diffusion(name: str, local_only: bool) -> tuple[nn.Module, object]:
+def _diffusion(name: str, local_only: bool, variant: str | None = None) -> tuple[nn.Module, object]:
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(name, local_files_only=local_only, use_safetensors=True)
+    pipe = DiffusionPipeline.from_pretrained(name, local_files_only=local_only, use_safetensors=True, variant=variant)
     if getattr(pipe, "unet", None) is None:
         raise ValueError(f"model={name!r} is a {type(pipe).__name__} without a UNet; CLOVER Studio prunes the "
                          "attention of UNet pipelines such as stabilityai/stable-diffusion-xl-base-1.0")

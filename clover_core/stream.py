@@ -34,8 +34,9 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .adapters import attention_modules
+from .checkpoint import WEIGHT_NAMES as STEMS  # the weight files' names: transformers, diffusers
 from .checkpoint import (_check_target, _replace, _save_processor, _update_config, cast_model, diffusers_from_config,
-                         is_checkpoint, is_diffusers_config, read_config, unreadable)
+                         is_checkpoint, is_diffusers_config, read_config, unreadable, weight_files, weights_variant)
 from .decompose import Decomposition, ModuleDecomposition, PairDecomposition, decompose_module
 from .model_card import CARD, model_card
 from .prune import PruneConfig, plan, prune_module, pruning_meta, record, set_submodule
@@ -43,21 +44,25 @@ from .remote import export_code
 
 log = logging.getLogger(__name__)
 
-STEMS = ("model", "diffusion_pytorch_model")  # the weight files' names: transformers, diffusers
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def index_name(stem: str) -> str:
-    return f"{stem}.safetensors.index.json"
+def index_name(stem: str, variant: str | None = None) -> str:
+    return f"{stem}.safetensors.index.{variant}.json" if variant else f"{stem}.safetensors.index.json"
 
 
 def is_sharded(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a sharded checkpoint (``model.safetensors.index.json``, or diffusers'
-    ``diffusion_pytorch_model.safetensors.index.json``)."""
-    return any((Path(folder) / index_name(stem)).is_file() for stem in STEMS)
+    ``diffusion_pytorch_model.safetensors.index.json``; or a variant's index, where it holds only that
+    variant's weights)."""
+    try:
+        variant = weights_variant(folder)
+    except ValueError:  # several variants: loading it gives the error
+        return False
+    return any((Path(folder) / index_name(stem, variant)).is_file() for stem in STEMS)
 
 
 def streamable(name: str | os.PathLike) -> Path | None:
@@ -142,23 +147,14 @@ class SafetensorsFile:
 
 class Checkpoint:
     """The safetensors shards of a checkpoint folder, addressed by tensor name; ``stem`` is the weight
-    files' name (``model``, or ``diffusion_pytorch_model`` for diffusers)."""
+    files' name (``model``, or ``diffusion_pytorch_model`` for diffusers). A folder holding only a variant
+    of its weights (``diffusion_pytorch_model.fp16.safetensors``) is read from those; the output gets
+    plain names."""
 
     def __init__(self, folder: Path):
-        self.stem = next((s for s in STEMS if (folder / index_name(s)).is_file()), None)
-        if self.stem is not None:
-            index = folder / index_name(self.stem)
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-                raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
-        else:
-            self.stem = next((s for s in STEMS if (folder / f"{s}.safetensors").is_file()), None)
-            if self.stem is None:
-                names = " or ".join(f"{s}.safetensors (or its index)" for s in STEMS)
-                raise ValueError(f"{folder} holds no {names}; streaming needs a safetensors checkpoint")
-            shards = [f"{self.stem}.safetensors"]
-        self.files = [SafetensorsFile(folder / s) for s in shards]
+        weights = weight_files(folder)
+        self.stem = weights.stem
+        self.files = [SafetensorsFile(path) for path in weights.files]
         self.where = {key: f for f in self.files for key in f.entries}
 
     def stored(self, key: str) -> StoredTensor:

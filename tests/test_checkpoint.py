@@ -156,12 +156,12 @@ def sharded(pruned, tmp_path):
 
 
 def test_sharded_checkpoint_round_trips(sharded, pruned, tokens):
-    assert len(checkpoint.weight_files(sharded)) > 1
+    assert len(checkpoint.weight_files(sharded).files) > 1
     torch.testing.assert_close(logits(cc.load_pruned(sharded), tokens), logits(pruned, tokens), **FP32)
 
 
 def test_truncated_or_missing_shard_names_the_shard(sharded):
-    first, second = checkpoint.weight_files(sharded)[:2]
+    first, second = checkpoint.weight_files(sharded).files[:2]
     first.write_bytes(first.read_bytes()[:-100])
     with pytest.raises(ValueError, match=f"{first.name} cannot be read.*corrupted or truncated"):
         cc.load_pruned(sharded)

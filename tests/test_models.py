@@ -62,3 +62,45 @@ def test_a_folder_naming_no_diffusers_model_class_is_refused(tmp_path, name):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": name}))
     with pytest.raises(ValueError, match=f"names _class_name={name!r}, which is not a diffusers model class"):
         cc.load_model(tmp_path)
+
+
+def test_variant_weights_load_like_plain_ones(make_unet, make_gpt2, tmp_path):
+    """Folders saved with ``variant="fp16"`` (SDXL's UNet downloaded that way holds only
+    ``diffusion_pytorch_model.fp16.safetensors``): a UNet in one file or sharded, a pipeline whose UNet
+    has only variant weights, and a transformers model."""
+    unet = make_unet().half()
+    unet.save_pretrained(tmp_path / "plain")
+    unet.save_pretrained(tmp_path / "one", variant="fp16")
+    unet.save_pretrained(tmp_path / "shards", variant="fp16", max_shard_size="40KB")
+    assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    assert (tmp_path / "shards" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    expected = cc.load_model(tmp_path / "plain").model.state_dict()
+    for folder in ("one", "shards"):
+        got = cc.load_model(tmp_path / folder).model.state_dict()
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), folder
+    pipe = cc.models.sdxl_tiny_random()[1]
+    pipe.save_pretrained(tmp_path / "pipe")
+    for path in (tmp_path / "pipe" / "unet").glob("*.safetensors"):
+        path.unlink()
+    unet.save_pretrained(tmp_path / "pipe" / "unet", variant="fp16")
+    bundle = cc.load_model(tmp_path / "pipe")  # a pipeline loads in float32
+    assert bundle.processor.unet is bundle.model
+    got = bundle.model.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k].float()) for k in expected)
+    gpt2 = make_gpt2()
+    gpt2.save_pretrained(tmp_path / "gpt2", variant="fp16")
+    assert (tmp_path / "gpt2" / "model.fp16.safetensors").is_file()
+    loaded = cc.load_model(tmp_path / "gpt2").model
+    assert torch.equal(loaded.transformer.h[0].attn.c_attn.weight, gpt2.transformer.h[0].attn.c_attn.weight)
+
+
+def test_several_variants_and_no_plain_weights_are_refused(make_unet, tmp_path, capsys):
+    unet = make_unet()
+    for variant in ("fp16", "bf16"):
+        unet.save_pretrained(tmp_path / "unet", variant=variant)
+    message = "holds the weight variants bf16, fp16 and no plain weights"
+    with pytest.raises(ValueError, match=message):
+        cc.load_model(tmp_path / "unet")
+    assert main(["prune", "--model", str(tmp_path / "unet"), "--ratio", "0.5", "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()

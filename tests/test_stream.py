@@ -276,3 +276,21 @@ def test_shared_weights_are_shared_and_give_the_same_model(make_gpt2, tokens):
         assert all(torch.equal(x, y) for p in a for x, y in zip(a[p], b[p])), name
     # the same model up to the order in which the output projection adds up its features
     torch.testing.assert_close(logits(shared, tokens), logits(copied, tokens), **SAME_MATH)
+
+
+@pytest.mark.parametrize("shard_size", [None, "40KB"])
+def test_cli_streams_variant_weights_as_it_streams_plain_ones(make_unet, tmp_path, shard_size):
+    """A UNet saved with ``variant="fp16"`` (one file or shards behind the variant's index) streams to the
+    checkpoint its plain-named copy gives, written with plain names."""
+    unet = make_unet().half()
+    kw = {"max_shard_size": shard_size} if shard_size else {}
+    unet.save_pretrained(tmp_path / "plain", **kw)
+    unet.save_pretrained(tmp_path / "variant", variant="fp16", **kw)
+    assert not {"diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"} & {
+        p.name for p in (tmp_path / "variant").iterdir()}
+    for src in ("plain", "variant"):
+        argv = ["prune", "--model", str(tmp_path / src), "--ratio", "0.5", "--mode", "global", "--target", "both",
+                "--out", str(tmp_path / f"out-{src}")]
+        assert main(argv) == 0
+    a, b = (load_file(tmp_path / f"out-{src}" / "diffusion_pytorch_model.safetensors") for src in ("plain", "variant"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float16 for k in a)

@@ -85,9 +85,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
     config = _check_prune_args(args)
     source = streamable(args.model)  # larger than memory, maybe
     if source is not None:
-        out, pruned = stream_prune(source, args.out, config, dtype=DTYPES[args.dtype] if args.dtype else None)
+        hub_id = None if Path(args.model).is_dir() else args.model  # streamed from the local cache's snapshot
+        out, pruned = stream_prune(source, args.out, config, dtype=DTYPES[args.dtype] if args.dtype else None,
+                                   base_model=hub_id)
         print(_size_line("pruned", pruned))
-        if source != Path(args.model):
+        if source.name == "unet" and (source.parent / "model_index.json").is_file():
             print(f"saved the pipeline's UNet to {out} (streamed module by module; its other components are "
                   "unchanged: load the pipeline and pass it unet=, as the folder's README.md shows)")
         else:

@@ -208,8 +208,9 @@ def _auto_model(name: str, local_only: bool, variant: str | None = None) -> nn.M
 
     config = AutoConfig.from_pretrained(name, local_files_only=local_only)
     auto = AutoModelForSpeechSeq2Seq if config.model_type == "whisper" else AutoModelForCausalLM
-    try:  # safetensors only: never a pickle
-        return auto.from_pretrained(name, local_files_only=local_only, use_safetensors=True, variant=variant)
+    try:  # safetensors only: never a pickle. The PEFT adapter probe ignores local_files_only unless told
+        return auto.from_pretrained(name, local_files_only=local_only, use_safetensors=True, variant=variant,
+                                    adapter_kwargs={"local_files_only": local_only})
     except ValueError as e:
         raise ValueError(f"model={name!r} ({config.model_type}) is not a language or speech model "
                          f"CLOVER Studio can load: {e}") from None
@@ -232,6 +233,8 @@ def _diffusion(name: str, local_only: bool, variant: str | None = None) -> tuple
     if getattr(pipe, "unet", None) is None:
         raise ValueError(f"model={name!r} is a {type(pipe).__name__} without a UNet; CLOVER Studio prunes the "
                          "attention of UNet pipelines such as stabilityai/stable-diffusion-xl-base-1.0")
+    if not Path(name).is_dir():  # a hub id: the UNet's config names its snapshot folder, the record the id
+        pipe.unet.register_to_config(_name_or_path=name)
     return pipe.unet, pipe
 
 

@@ -69,9 +69,12 @@ def streamable(name: str | os.PathLike) -> Path | None:
     """The folder ``python -m clover_core prune`` streams for ``--model name``, or None (loaded whole):
     a sharded checkpoint that is not already pruned, a diffusers model such as a pipeline's ``unet/``
     (sharded or not: diffusers ships SDXL's UNet as one 10 GB file), or a diffusers pipeline, whose
-    ``unet/`` is the only part CLOVER prunes and writes (its other components are never read)."""
+    ``unet/`` is the only part CLOVER prunes and writes (its other components are never read). A hub
+    id streams from its snapshot in the local Hugging Face cache when that holds every weight file
+    needed (else it is loaded whole, which downloads what is missing)."""
     folder = Path(name)
-    if not folder.is_dir():
+    cached = not folder.is_dir()
+    if cached and (folder := cached_snapshot(str(name))) is None:
         return None
     if (folder / "model_index.json").is_file():
         folder = folder / "unet"
@@ -79,13 +82,32 @@ def streamable(name: str | os.PathLike) -> Path | None:
             return None
     elif is_checkpoint(folder):
         return None
-    if is_sharded(folder):
-        return folder
+    if not is_sharded(folder):
+        try:
+            raw = read_config(folder)
+        except ValueError:  # loading it whole gives the error
+            return None
+        if not is_diffusers_config(raw):
+            return None
+    if cached:  # a partly downloaded snapshot: loading it whole fetches the rest
+        try:
+            complete = all(path.is_file() for path in weight_files(folder).files)
+        except ValueError:
+            complete = False
+        return folder if complete else None
+    return folder
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of hub repository ``repo_id`` (its default
+    revision), or None: not a repository id, or not cached. Nothing is downloaded."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
     try:
-        raw = read_config(folder)
-    except ValueError:  # loading it whole gives the error
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError):
         return None
-    return folder if is_diffusers_config(raw) else None
 
 
 CHUNK = 16 * 2**20  # bytes copied at a time when a tensor passes through unchanged
@@ -236,7 +258,8 @@ class ShardWriter:
 
 
 def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneConfig, *,
-                 dtype: torch.dtype | None = None, max_shard_size: int | str = "2GB") -> tuple[Path, nn.Module]:
+                 dtype: torch.dtype | None = None, max_shard_size: int | str = "2GB",
+                 base_model: str | None = None) -> tuple[Path, nn.Module]:
     """Prune a safetensors checkpoint folder into ``out`` without ever loading it whole.
 
     Args:
@@ -247,6 +270,8 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
         config: what to prune and how.
         dtype: cast the written weights; default: the checkpoint's dtype.
         max_shard_size: output shard size (bytes, or a string such as ``"2GB"``).
+        base_model: the hub id ``src`` is a cached snapshot of (see :func:`cached_snapshot`), recorded
+            as the base model, as loading that id would; default: none (a local folder).
 
     Returns:
         ``(out, model)``: the folder written and the pruned model's structure on the ``meta``
@@ -263,7 +288,7 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
         raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use torch.float16/bfloat16/float32")
     ckpt = Checkpoint(src)
     _check_target(out)
-    skeleton = _skeleton(src, ckpt.float_dtype())
+    skeleton = _skeleton(src, ckpt.float_dtype(), base_model or str(src))
     original = copy.deepcopy(skeleton)  # sizes before pruning, for the record (meta: no memory)
     stream = _Stream(skeleton, ckpt, config)
     masks = stream.global_masks() if config.mode == "global" else None
@@ -384,20 +409,22 @@ def _cast(t: torch.Tensor | StoredTensor, dtype: torch.dtype | None) -> torch.Te
     return (t.load() if isinstance(t, StoredTensor) else t).to(dtype)
 
 
-def _skeleton(src: Path, dtype: torch.dtype) -> nn.Module:
-    """The checkpoint's model on the ``meta`` device, as :func:`clover_core.load_model` would build it."""
+def _skeleton(src: Path, dtype: torch.dtype, name: str) -> nn.Module:
+    """The checkpoint's model on the ``meta`` device, as :func:`clover_core.load_model` would build it
+    from ``name`` (the folder, or the hub id it is a snapshot of: its config's ``_name_or_path``)."""
     raw = read_config(src)  # a clear error if config.json is missing or broken
     if "clover" in raw:
         raise ValueError(f"{src} is already a CLOVER checkpoint; prune the original model instead")
     if is_diffusers_config(raw):  # a diffusers model, e.g. a pipeline's unet/
         with torch.device("meta"):
             model = diffusers_from_config(src, raw)
-        model.register_to_config(_name_or_path=str(src))  # as from_pretrained records it
+        model.register_to_config(_name_or_path=name)  # as from_pretrained records it
         return cast_model(model, dtype).eval()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
 
     config = AutoConfig.from_pretrained(src, local_files_only=True)
     auto = AutoModelForSpeechSeq2Seq if config.model_type == "whisper" else AutoModelForCausalLM
+    config._name_or_path = name
     with torch.device("meta"):
         model = auto.from_config(config)
     return model.to(dtype).eval()

@@ -253,7 +253,7 @@ def test_no_code_path_trusts_remote_code():
     assert trusted == []
 
 
-def test_a_user_supplied_hub_id_is_loaded_without_remote_code_and_without_pickles(monkeypatch):
+def test_a_user_supplied_hub_id_is_loaded_without_remote_code_and_without_pickles(monkeypatch, make_unet):
     """What the app does with a typed hub id, recorded at the transformers / diffusers boundary."""
     import diffusers
     import transformers
@@ -280,10 +280,10 @@ def test_a_user_supplied_hub_id_is_loaded_without_remote_code_and_without_pickle
     monkeypatch.setattr(transformers, "AutoProcessor", recorder(OSError("none")))
     monkeypatch.setattr(transformers, "AutoTokenizer", recorder(OSError("none")))
     cs.ModelCache(2**30).get("stranger/evil-model")
-    pipe = SimpleNamespace(unet=GPT2LMHeadModel(config))
+    pipe = SimpleNamespace(unet=make_unet())
     monkeypatch.setattr(models, "_is_diffusion_repo", lambda name, local_only: True)
     monkeypatch.setattr(diffusers, "DiffusionPipeline", recorder(pipe))
-    models.load_model("stranger/evil-pipeline")
+    assert models.load_model("stranger/evil-pipeline").model.config._name_or_path == "stranger/evil-pipeline"
     assert {name for _, name, _ in seen} == {"stranger/evil-model", "stranger/evil-pipeline"}
     for cls, name, kwargs in seen:
         assert not kwargs.get("trust_remote_code") and "custom_pipeline" not in kwargs, (cls, kwargs)

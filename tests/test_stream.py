@@ -294,3 +294,69 @@ def test_cli_streams_variant_weights_as_it_streams_plain_ones(make_unet, tmp_pat
         assert main(argv) == 0
     a, b = (load_file(tmp_path / f"out-{src}" / "diffusion_pytorch_model.safetensors") for src in ("plain", "variant"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float16 for k in a)
+
+
+def cache_snapshot(cache, repo_id, save):
+    """A repository in a Hugging Face cache laid out as downloads leave it (refs/main -> snapshots/<commit>),
+    its files written by ``save(folder)``."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    save(repo / "snapshots" / "0123abcd")
+    return repo / "snapshots" / "0123abcd"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline; any attempt to reach the Hub fails the test (unreachable, it
+    would cost retries with backoff: 23 s in transformers' PEFT adapter probe, which ignored
+    ``local_files_only``)."""
+    from huggingface_hub import constants, file_download
+
+    attempts = []
+
+    def no_network(url, *args, **kwargs):
+        attempts.append(url)
+        raise OSError(f"no network in this test: {url}")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield tmp_path / "hub"
+    assert attempts == []
+
+
+def test_a_cached_hub_pipeline_streams_its_unet_and_records_the_hub_id(hub_cache, tmp_path, capsys, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    from clover_core.stream import streamable
+
+    pipe = cc.models.sdxl_tiny_random()[1]
+    snapshot = cache_snapshot(hub_cache, "someone/tiny-sdxl", pipe.save_pretrained)
+    assert streamable("someone/tiny-sdxl") == snapshot / "unet"
+    assert streamable("someone/not-cached") is None and streamable("not a repo id!") is None
+    loaded = cc.load_model("someone/tiny-sdxl").model  # the in-memory route, from the same cache
+    expected = cc.save_pruned(cc.prune(loaded, ratio=0.5, target="vo"), tmp_path / "memory")
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the pipeline was loaded"))
+    argv = ["prune", "--model", "someone/tiny-sdxl", "--ratio", "0.5", "--target", "vo", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "saved the pipeline's UNet" in capsys.readouterr().out
+    pruned = cc.load_pruned(tmp_path / "out")
+    assert pruned.config["clover"]["base_model"] == "someone/tiny-sdxl"
+    assert "someone/tiny-sdxl" in (tmp_path / "out" / "README.md").read_text()
+    assert_same_unet(expected, tmp_path / "out")
+
+
+def test_a_cached_sharded_hub_model_streams_unless_a_shard_is_missing(hub_cache, make_gpt2, tokens, tmp_path):
+    from clover_core.stream import streamable
+
+    model = make_gpt2()
+    snapshot = cache_snapshot(hub_cache, "someone/tiny-gpt2", lambda folder: sharded(model, folder))
+    assert streamable("someone/tiny-gpt2") == snapshot
+    argv = ["prune", "--model", "someone/tiny-gpt2", "--ratio", "0.5", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert cc.load_pruned(tmp_path / "out").config.clover["base_model"] == "someone/tiny-gpt2"
+    loaded = cc.load_model("someone/tiny-gpt2").model  # the in-memory route, from the same cache
+    assert_same_checkpoint(cc.save_pruned(cc.prune(loaded, ratio=0.5), tmp_path / "memory"), tmp_path / "out", tokens)
+    next(snapshot.glob("model-*.safetensors")).unlink()  # a partly downloaded snapshot: loaded whole instead
+    assert streamable("someone/tiny-gpt2") is None

@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import build_model, gib  # noqa: E402
-from clover_core.stream import STEMS, ShardWriter  # noqa: E402
+from clover_core.checkpoint import WEIGHT_NAMES  # noqa: E402
+from clover_core.stream import ShardWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each child reports its own high-water RSS (VmHWM) as it exits: the kernel's rusage of a child also
@@ -62,7 +63,7 @@ def write_checkpoint(name: str, folder: Path, shard_bytes: int) -> tuple[int, in
     else:
         skeleton.config.architectures = [type(skeleton).__name__]
         skeleton.config.save_pretrained(folder)
-    writer = ShardWriter(folder, shard_bytes, reserve=256 * 1024, stem=STEMS[diffusers])
+    writer = ShardWriter(folder, shard_bytes, reserve=256 * 1024, stem=WEIGHT_NAMES[diffusers])
     gen = torch.Generator().manual_seed(0)
     keys = [k for k in state if k in stored]
     for key in keys:

@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("spectra", help="write every head's Q-K and V-O singular values as JSON")
     _model_arg(sp)
     sp.add_argument("--out", required=True, help="JSON file to write")
-    pp = sub.add_parser("prune", help="prune a model and save it as a safetensors checkpoint folder; a sharded "
-                        "folder (*.safetensors.index.json), a diffusers model such as a pipeline's unet/, or a "
-                        "diffusers pipeline's UNet is streamed module by module, never loaded whole")
+    pp = sub.add_parser("prune", help="prune a model and save it as a safetensors checkpoint folder; a model "
+                        "folder of safetensors weights (sharded or not; a diffusers pipeline: its unet/), or a hub "
+                        "id whose snapshot is in the local cache, is streamed module by module, never loaded whole")
     _model_arg(pp)
     _prune_args(pp)
     pp.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")

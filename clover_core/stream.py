@@ -34,9 +34,8 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from .adapters import attention_modules
-from .checkpoint import WEIGHT_NAMES as STEMS  # the weight files' names: transformers, diffusers
 from .checkpoint import (_check_target, _replace, _save_processor, _update_config, cast_model, diffusers_from_config,
-                         is_checkpoint, is_diffusers_config, read_config, unreadable, weight_files, weights_variant)
+                         is_diffusers_config, read_config, unreadable, weight_files)
 from .decompose import Decomposition, ModuleDecomposition, PairDecomposition, decompose_module
 from .model_card import CARD, model_card
 from .prune import PruneConfig, plan, prune_module, pruning_meta, record, set_submodule
@@ -50,51 +49,33 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def index_name(stem: str, variant: str | None = None) -> str:
-    return f"{stem}.safetensors.index.{variant}.json" if variant else f"{stem}.safetensors.index.json"
-
-
-def is_sharded(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a sharded checkpoint (``model.safetensors.index.json``, or diffusers'
-    ``diffusion_pytorch_model.safetensors.index.json``; or a variant's index, where it holds only that
-    variant's weights)."""
-    try:
-        variant = weights_variant(folder)
-    except ValueError:  # several variants: loading it gives the error
-        return False
-    return any((Path(folder) / index_name(stem, variant)).is_file() for stem in STEMS)
+def index_name(stem: str) -> str:
+    return f"{stem}.safetensors.index.json"
 
 
 def streamable(name: str | os.PathLike) -> Path | None:
     """The folder ``python -m clover_core prune`` streams for ``--model name``, or None (loaded whole):
-    a sharded checkpoint that is not already pruned, a diffusers model such as a pipeline's ``unet/``
-    (sharded or not: diffusers ships SDXL's UNet as one 10 GB file), or a diffusers pipeline, whose
-    ``unet/`` is the only part CLOVER prunes and writes (its other components are never read). A hub
-    id streams from its snapshot in the local Hugging Face cache when that holds every weight file
-    needed (else it is loaded whole, which downloads what is missing)."""
+    a safetensors model folder that is not already pruned, sharded or not (GPT-2 XL ships as one
+    6 GB file, SDXL's UNet as one 10 GB file): a transformers model, a diffusers model such as a
+    pipeline's ``unet/``, or a diffusers pipeline, whose ``unet/`` is the only part CLOVER prunes and
+    writes (its other components are never read). A hub id streams from its snapshot in the local
+    Hugging Face cache when that holds every weight file needed (else it is loaded whole, which
+    downloads what is missing). Anything else is loaded whole, which names what is wrong with it."""
     folder = Path(name)
     cached = not folder.is_dir()
     if cached and (folder := cached_snapshot(str(name))) is None:
         return None
     if (folder / "model_index.json").is_file():
         folder = folder / "unet"
-        if not (folder / "config.json").is_file():
-            return None
-    elif is_checkpoint(folder):
+    try:
+        raw = read_config(folder)
+        files = weight_files(folder).files
+    except ValueError:  # no config or no safetensors weights
         return None
-    if not is_sharded(folder):
-        try:
-            raw = read_config(folder)
-        except ValueError:  # loading it whole gives the error
-            return None
-        if not is_diffusers_config(raw):
-            return None
-    if cached:  # a partly downloaded snapshot: loading it whole fetches the rest
-        try:
-            complete = all(path.is_file() for path in weight_files(folder).files)
-        except ValueError:
-            complete = False
-        return folder if complete else None
+    if not isinstance(raw, dict) or "clover" in raw or not (is_diffusers_config(raw) or "model_type" in raw):
+        return None
+    if cached and not all(path.is_file() for path in files):  # partly downloaded: loading it fetches the rest
+        return None
     return folder
 
 
@@ -294,6 +275,7 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
     masks = stream.global_masks() if config.mode == "global" else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    writer = None
     try:
         writer = ShardWriter(tmp, convert_file_size_to_int(max_shard_size), _header_bound(skeleton, stream.attention),
                              ckpt.stem)
@@ -310,6 +292,8 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
         (tmp / CARD).write_text(model_card(skeleton, meta, out.name, auto_map, dtype))
         _replace(tmp, out)
     except BaseException:
+        if writer is not None and writer.file is not None:
+            writer.file.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("streamed a pruned %s to %s", type(skeleton).__name__, out)

@@ -358,14 +358,24 @@ def test_a_save_killed_mid_write_leaves_the_old_checkpoint(make_gpt2, tmp_path):
 
 
 def fill_disk(monkeypatch) -> None:
-    """From now on every safetensors write gets half-way and then finds the disk full."""
+    """From now on every safetensors write gets half-way and then finds the disk full: transformers'
+    (``save_pruned``) and the streaming prune's shard writer (the command line)."""
     import transformers.modeling_utils as mu
+
+    from clover_core import stream
 
     def write_half(state, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 100)
         raise ENOSPC
 
+    def add_half(writer, tensors):
+        if writer.file is None:
+            writer._start()
+        writer.file.write(b"\0" * 100)
+        raise ENOSPC
+
     monkeypatch.setattr(mu, "safe_save_file", write_half)
+    monkeypatch.setattr(stream.ShardWriter, "add", add_half)
 
 
 def test_a_full_disk_keeps_the_old_checkpoint_everywhere(make_gpt2, tmp_path, monkeypatch, capsys):

@@ -360,3 +360,23 @@ def test_a_cached_sharded_hub_model_streams_unless_a_shard_is_missing(hub_cache,
     assert_same_checkpoint(cc.save_pruned(cc.prune(loaded, ratio=0.5), tmp_path / "memory"), tmp_path / "out", tokens)
     next(snapshot.glob("model-*.safetensors")).unlink()  # a partly downloaded snapshot: loaded whole instead
     assert streamable("someone/tiny-gpt2") is None
+
+
+def test_cli_streams_single_file_language_and_speech_models(make_gpt2, make_whisper, tokens, tmp_path, capsys):
+    """One ``model.safetensors`` streams too (GPT-2 XL ships as one 6 GB file, Whisper large-v3 as one
+    3 GB file): the checkpoint the in-memory route writes."""
+    gpt2, whisper = make_gpt2(), make_whisper()
+    for name, model in (("gpt2", gpt2), ("whisper", whisper)):
+        model.save_pretrained(tmp_path / name)
+        argv = ["prune", "--model", str(tmp_path / name), "--ratio", "0.5", "--mode", "global", "--target", "both",
+                "--out", str(tmp_path / f"{name}-out")]
+        assert main(argv) == 0
+        assert "streamed module by module" in capsys.readouterr().out
+        cc.save_pruned(cc.prune(model, ratio=0.5, mode="global", target="both"), tmp_path / f"{name}-memory")
+    assert_same_checkpoint(tmp_path / "gpt2-memory", tmp_path / "gpt2-out", tokens)
+    ma, mb = cc.load_pruned(tmp_path / "whisper-memory"), cc.load_pruned(tmp_path / "whisper-out")
+    assert ma.config.clover == mb.config.clover
+    features, decoder_ids = torch.randn(1, 8, 40, generator=torch.Generator().manual_seed(0)), tokens[:1, :6]
+    with torch.no_grad():
+        got, expected = (m(input_features=features, decoder_input_ids=decoder_ids).logits for m in (mb, ma))
+    torch.testing.assert_close(got, expected, **SAME_MATH)

@@ -269,7 +269,7 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
         raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use torch.float16/bfloat16/float32")
     ckpt = Checkpoint(src)
     _check_target(out)
-    skeleton = _skeleton(src, ckpt.float_dtype(), base_model or str(src))
+    skeleton = _skeleton(src, ckpt.float_dtype(), base_model)
     original = copy.deepcopy(skeleton)  # sizes before pruning, for the record (meta: no memory)
     stream = _Stream(skeleton, ckpt, config)
     masks = stream.global_masks() if config.mode == "global" else None
@@ -393,9 +393,10 @@ def _cast(t: torch.Tensor | StoredTensor, dtype: torch.dtype | None) -> torch.Te
     return (t.load() if isinstance(t, StoredTensor) else t).to(dtype)
 
 
-def _skeleton(src: Path, dtype: torch.dtype, name: str) -> nn.Module:
+def _skeleton(src: Path, dtype: torch.dtype, hub_id: str | None = None) -> nn.Module:
     """The checkpoint's model on the ``meta`` device, as :func:`clover_core.load_model` would build it
-    from ``name`` (the folder, or the hub id it is a snapshot of: its config's ``_name_or_path``)."""
+    from the folder, or from the hub id it is a snapshot of (its config's ``_name_or_path``)."""
+    name = hub_id or str(src)
     raw = read_config(src)  # a clear error if config.json is missing or broken
     if "clover" in raw:
         raise ValueError(f"{src} is already a CLOVER checkpoint; prune the original model instead")

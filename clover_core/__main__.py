@@ -20,7 +20,7 @@ from .data import wikitext_ids
 from .decompose import decompose, spectra
 from .models import EMBEDDED, load_model
 from .prune import PruneConfig, prune
-from .stream import stream_prune, streamable
+from .stream import stream_prune, stream_spectra, streamable
 
 DEFAULT_MODEL = "gpt2-tiny-random"
 DEMO_WINDOW = 512  # demo perplexity: windows of this many tokens (or the model's positions), half overlapping
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per job."""
     parser = argparse.ArgumentParser(prog="python -m clover_core", description="CLOVER attention-head pruning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sp = sub.add_parser("spectra", help="write every head's Q-K and V-O singular values as JSON")
+    sp = sub.add_parser("spectra", help="write every head's Q-K and V-O singular values as JSON; a model folder "
+                        "(or a hub id cached locally) is read one attention module at a time, as prune streams it")
     _model_arg(sp)
     sp.add_argument("--out", required=True, help="JSON file to write")
     pp = sub.add_parser("prune", help="prune a model and save it as a safetensors checkpoint folder; a model "
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_spectra(args: argparse.Namespace) -> None:
-    spec = spectra(load_model(args.model).model)
+    source = streamable(args.model)  # larger than memory, maybe: one attention module at a time
+    spec = stream_spectra(source) if source is not None else spectra(load_model(args.model).model)
     Path(args.out).write_text(json.dumps({n: {p: s.tolist() for p, s in d.items()} for n, d in spec.items()}))
     print(f"wrote the spectra of {len(spec)} attention modules to {args.out}")
 

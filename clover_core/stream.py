@@ -300,15 +300,40 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
     return out, skeleton
 
 
-class _Stream:
-    """The model's tensors in state-dict order, attention modules pruned one at a time."""
+def stream_spectra(src: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """Every head's singular values of a safetensors checkpoint folder, reading and decomposing one
+    attention module at a time: :func:`clover_core.spectra` of the model, without loading it.
 
-    def __init__(self, skeleton: nn.Module, ckpt: Checkpoint, config: PruneConfig):
+    Args:
+        src: the checkpoint folder (see :func:`stream_prune`).
+
+    Returns:
+        ``{module name: {"qk": (n_heads, head_dim), "vo": (n_groups, head_dim)}}``, each row descending.
+
+    Raises:
+        ValueError: not a safetensors checkpoint, or missing tensors.
+    """
+    src = Path(src)
+    ckpt = Checkpoint(src)
+    stream = _Stream(_skeleton(src, ckpt.float_dtype()), ckpt, None)
+    spectra = {}
+    for name in stream.attention:
+        spectra[name] = {pair: pd.s.clone() for pair, pd in stream.decomposed(name)[1].pairs.items()}
+        _release_freed_memory()
+    return spectra
+
+
+class _Stream:
+    """The model's tensors in state-dict order, attention modules pruned one at a time (``config``:
+    how; None when the modules are only decomposed)."""
+
+    def __init__(self, skeleton: nn.Module, ckpt: Checkpoint, config: PruneConfig | None):
         self.skeleton, self.ckpt, self.config = skeleton, ckpt, config
         self.attention = {name: (module, adapter) for name, module, adapter in attention_modules(skeleton)}
         self.keys = _key_map(skeleton, ckpt)
         self.ranks: dict[str, dict[str, list[int]]] = {}
-        plan(self._meta_scores(), config)  # a bad request (Q-K of a rotary model) fails before any work
+        if config is not None:
+            plan(self._meta_scores(), config)  # a bad request (Q-K of a rotary model) fails before any work
 
     def _meta_scores(self) -> Decomposition:
         """Every module's pairs with scores of the right shapes on ``meta``: structure only."""

@@ -380,3 +380,25 @@ def test_cli_streams_single_file_language_and_speech_models(make_gpt2, make_whis
     with torch.no_grad():
         got, expected = (m(input_features=features, decoder_input_ids=decoder_ids).logits for m in (mb, ma))
     torch.testing.assert_close(got, expected, **SAME_MATH)
+
+
+def test_cli_spectra_of_a_folder_reads_one_module_at_a_time(make_gpt2, make_whisper, make_llama, tmp_path,
+                                                            monkeypatch):
+    """``spectra --model DIR`` streams (no model is ever loaded) and writes ``cc.spectra(model)``."""
+    import json
+
+    import clover_core.__main__ as cli
+
+    models_by_name = {"gpt2": make_gpt2(), "whisper": make_whisper(), "llama": make_llama()}
+    sharded(models_by_name["gpt2"], tmp_path / "gpt2")
+    models_by_name["whisper"].save_pretrained(tmp_path / "whisper")
+    models_by_name["llama"].save_pretrained(tmp_path / "llama")
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded whole"))
+    for name, model in models_by_name.items():
+        out = tmp_path / f"{name}.json"
+        assert main(["spectra", "--model", str(tmp_path / name), "--out", str(out)]) == 0
+        got, expected = json.loads(out.read_text()), cc.spectra(model)
+        assert list(got) == list(expected) and all(set(got[m]) == set(expected[m]) for m in expected)
+        for module, pairs in expected.items():
+            for pair, s in pairs.items():
+                torch.testing.assert_close(torch.tensor(got[module][pair]), s, **SAME_MATH)

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_spectra(args: argparse.Namespace) -> None:
     source = streamable(args.model)  # larger than memory, maybe: one attention module at a time
-    spec = stream_spectra(source) if source is not None else spectra(load_model(args.model).model)
+    spec = stream_spectra(source, progress=True) if source is not None else spectra(load_model(args.model).model)
     Path(args.out).write_text(json.dumps({n: {p: s.tolist() for p, s in d.items()} for n, d in spec.items()}))
     print(f"wrote the spectra of {len(spec)} attention modules to {args.out}")
 
@@ -89,7 +89,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if source is not None:
         hub_id = None if Path(args.model).is_dir() else args.model  # streamed from the local cache's snapshot
         out, pruned = stream_prune(source, args.out, config, dtype=DTYPES[args.dtype] if args.dtype else None,
-                                   base_model=hub_id)
+                                   base_model=hub_id, progress=True)
         print(_size_line("pruned", pruned))
         if source.name == "unet" and (source.parent / "model_index.json").is_file():
             print(f"saved the pipeline's UNet to {out} (streamed module by module; its other components are "

@@ -434,7 +434,7 @@ def decompose(model: nn.Module, *, dtype: torch.dtype = torch.float32, progress:
     found = attention_modules(model)
     stacks, where = _planned_stacks(found) if rank_major else ([], {})
     modules = {name: decompose_module(name, module, adapter, dtype=dtype, out=where.get(name))
-               for name, module, adapter in _maybe_tqdm(found, progress, "decomposing attention")}
+               for name, module, adapter in with_progress(found, progress, "decomposing attention")}
     for stack in stacks:
         stack.s = torch.stack([modules[name].pairs[stack.pair].s for name in stack.names])
     log.info("decomposed %d attention modules", len(modules))
@@ -525,9 +525,9 @@ def spectra(model_or_dec: nn.Module | Decomposition) -> dict[str, dict[str, torc
     return {name: {p: pd.s.clone() for p, pd in md.pairs.items()} for name, md in dec.modules.items()}
 
 
-def _maybe_tqdm(items: list, enabled: bool, desc: str) -> list:
+def with_progress(items: list, enabled: bool, desc: str, unit: str = "module") -> list:
     if not enabled:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="module")
+    return tqdm(items, desc=desc, unit=unit)

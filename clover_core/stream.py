@@ -36,7 +36,7 @@ from transformers.initialization import no_init_weights
 from .adapters import attention_modules
 from .checkpoint import (_check_target, _replace, _save_processor, _update_config, cast_model, diffusers_from_config,
                          is_diffusers_config, read_config, unreadable, weight_files)
-from .decompose import Decomposition, ModuleDecomposition, PairDecomposition, decompose_module
+from .decompose import Decomposition, ModuleDecomposition, PairDecomposition, with_progress, decompose_module
 from .model_card import CARD, model_card
 from .prune import PruneConfig, plan, prune_module, pruning_meta, record, set_submodule
 from .remote import export_code
@@ -240,7 +240,7 @@ class ShardWriter:
 
 def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneConfig, *,
                  dtype: torch.dtype | None = None, max_shard_size: int | str = "2GB",
-                 base_model: str | None = None) -> tuple[Path, nn.Module]:
+                 base_model: str | None = None, progress: bool = False) -> tuple[Path, nn.Module]:
     """Prune a safetensors checkpoint folder into ``out`` without ever loading it whole.
 
     Args:
@@ -253,6 +253,7 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
         max_shard_size: output shard size (bytes, or a string such as ``"2GB"``).
         base_model: the hub id ``src`` is a cached snapshot of (see :func:`cached_snapshot`), recorded
             as the base model, as loading that id would; default: none (a local folder).
+        progress: show progress bars (mode ``global``'s scoring pass, then the tensors written).
 
     Returns:
         ``(out, model)``: the folder written and the pruned model's structure on the ``meta``
@@ -272,14 +273,14 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
     skeleton = _skeleton(src, ckpt.float_dtype(), base_model)
     original = copy.deepcopy(skeleton)  # sizes before pruning, for the record (meta: no memory)
     stream = _Stream(skeleton, ckpt, config)
-    masks = stream.global_masks() if config.mode == "global" else None
+    masks = stream.global_masks(progress) if config.mode == "global" else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     writer = None
     try:
         writer = ShardWriter(tmp, convert_file_size_to_int(max_shard_size), _header_bound(skeleton, stream.attention),
                              ckpt.stem)
-        for unit in stream.units(masks):
+        for unit in stream.units(masks, progress):
             writer.add({k: _cast(v, dtype) for k, v in unit.items()})
             del unit
             _release_freed_memory()
@@ -300,12 +301,13 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
     return out, skeleton
 
 
-def stream_spectra(src: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+def stream_spectra(src: str | os.PathLike, *, progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """Every head's singular values of a safetensors checkpoint folder, reading and decomposing one
     attention module at a time: :func:`clover_core.spectra` of the model, without loading it.
 
     Args:
         src: the checkpoint folder (see :func:`stream_prune`).
+        progress: show a progress bar over attention modules.
 
     Returns:
         ``{module name: {"qk": (n_heads, head_dim), "vo": (n_groups, head_dim)}}``, each row descending.
@@ -317,7 +319,7 @@ def stream_spectra(src: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]
     ckpt = Checkpoint(src)
     stream = _Stream(_skeleton(src, ckpt.float_dtype()), ckpt, None)
     spectra = {}
-    for name in stream.attention:
+    for name in with_progress(list(stream.attention), progress, "decomposing attention"):
         spectra[name] = {pair: pd.s.clone() for pair, pd in stream.decomposed(name)[1].pairs.items()}
         _release_freed_memory()
     return spectra
@@ -354,10 +356,10 @@ class _Stream:
         module = self.load(name)
         return module, decompose_module(name, module, self.attention[name][1])
 
-    def global_masks(self) -> dict[str, dict[str, torch.Tensor]]:
+    def global_masks(self, progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """First pass: every module's scores (singular values, vanilla scores), then one plan."""
         scores = {}
-        for name, (_, adapter) in self.attention.items():
+        for name, (_, adapter) in with_progress(list(self.attention.items()), progress, "scoring attention"):
             md = self.decomposed(name)[1]
             empty = torch.empty(0)  # the factors are not kept: the plan reads scores only
             scores[name] = ModuleDecomposition(name, adapter, {p: PairDecomposition(empty, empty, pd.s, pd.vanilla)
@@ -373,10 +375,10 @@ class _Stream:
         self.ranks[name] = module.clover_ranks
         return module
 
-    def units(self, masks: dict | None) -> Iterator[dict[str, torch.Tensor]]:
+    def units(self, masks: dict | None, progress: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Tensors to write, grouped: one attention module, or one other tensor, at a time."""
         done = set()
-        for key in self.keys:
+        for key in with_progress(list(self.keys), progress, "pruning and writing", unit="tensor"):
             owner = next((n for n in self.attention if key.startswith(n + ".")), None)
             if owner is None:
                 yield {key: self.ckpt.stored(self.keys[key])}

@@ -36,7 +36,7 @@ from transformers.initialization import no_init_weights
 from .adapters import attention_modules
 from .checkpoint import (_check_target, _replace, _save_processor, _update_config, cast_model, diffusers_from_config,
                          is_diffusers_config, read_config, unreadable, weight_files)
-from .decompose import Decomposition, ModuleDecomposition, PairDecomposition, with_progress, decompose_module
+from .decompose import Decomposition, ModuleDecomposition, PairDecomposition, decompose_module, with_progress
 from .model_card import CARD, model_card
 from .prune import PruneConfig, plan, prune_module, pruning_meta, record, set_submodule
 from .remote import export_code
@@ -61,10 +61,12 @@ def streamable(name: str | os.PathLike) -> Path | None:
     writes (its other components are never read). A hub id streams from its snapshot in the local
     Hugging Face cache when that holds every weight file needed (else it is loaded whole, which
     downloads what is missing). Anything else is loaded whole, which names what is wrong with it."""
+    from .models import EMBEDDED
+
     folder = Path(name)
     cached = not folder.is_dir()
-    if cached and (folder := cached_snapshot(str(name))) is None:
-        return None
+    if cached and (str(name) in EMBEDDED or (folder := cached_snapshot(str(name))) is None):
+        return None  # an offline model, or a hub id not in the cache
     if (folder / "model_index.json").is_file():
         folder = folder / "unet"
     try:

@@ -335,6 +335,8 @@ def test_a_cached_hub_pipeline_streams_its_unet_and_records_the_hub_id(hub_cache
     snapshot = cache_snapshot(hub_cache, "someone/tiny-sdxl", pipe.save_pretrained)
     assert streamable("someone/tiny-sdxl") == snapshot / "unet"
     assert streamable("someone/not-cached") is None and streamable("not a repo id!") is None
+    cache_snapshot(hub_cache, "gpt2-tiny-random", pipe.save_pretrained)  # a cached repo named like an offline model
+    assert streamable("gpt2-tiny-random") is None  # the offline model it names
     loaded = cc.load_model("someone/tiny-sdxl").model  # the in-memory route, from the same cache
     expected = cc.save_pruned(cc.prune(loaded, ratio=0.5, target="vo"), tmp_path / "memory")
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the pipeline was loaded"))

@@ -1,6 +1,7 @@
 """Can we prune a model larger than memory? Peak RSS of the streaming prune of a sharded checkpoint.
 
     PYTHONPATH=. python benchmarks/stream_memory.py [--model gpt2-xl|sdxl-unet] [--shard-size 1GB] [--dir /tmp]
+        [--baseline] [--spectra]
 
 1. Writes a sharded safetensors checkpoint of the model's exact structure (GPT-2 XL: 1.56B
    parameters, ~6.2 GB in float32; SDXL's UNet: 2.57B, ~10.3 GB, in the diffusers layout of a
@@ -13,7 +14,9 @@
 3. Reports peak RSS / checkpoint size, and against "largest shard + one layer" (a transformer layer;
    for the UNet, its largest transformer block); with ``--baseline``, also against the same command
    with streaming off (the model loaded whole).
-4. Deletes everything it wrote (unless ``--keep``).
+4. With ``--spectra``, the same for ``python -m clover_core spectra`` (streamed, and loaded whole with
+   ``--baseline``).
+5. Deletes everything it wrote (unless ``--keep``).
 """
 
 from __future__ import annotations
@@ -105,6 +108,17 @@ def peak_rss(code: str, *argv: str) -> tuple[int, float, str]:
     return kib * 1024, time.perf_counter() - start, out
 
 
+def spectra_peaks(work: Path, total: int, baseline: bool) -> None:
+    """``python -m clover_core spectra`` on the checkpoint: streamed, and loaded whole for comparison."""
+    argv = ("spectra", "--model", str(work / "src"), "--out", str(work / "spectra.json"))
+    peak, seconds, _ = peak_rss(CLI, *argv)
+    print(f"spectra, streamed: {seconds:.0f} s, peak RSS {gib(peak)} = {peak / total:.3f} x the checkpoint")
+    if baseline:
+        base, base_seconds, _ = peak_rss(IN_MEMORY, *argv)
+        print(f"  baseline, loaded whole: peak RSS {gib(base)} in {base_seconds:.0f} s -> streamed / loaded whole "
+              f"= {peak / base:.3f}")
+
+
 def check_disk(folder: Path, need: int) -> None:
     free = shutil.disk_usage(folder).free
     print(f"disk: {gib(free)} free in {folder}, {gib(need)} needed")
@@ -122,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints written")
     parser.add_argument("--baseline", action="store_true", help="also run the same command with streaming off "
                         "(the model loaded whole: needs about twice its size in memory) and compare")
+    parser.add_argument("--spectra", action="store_true", help="also run python -m clover_core spectra on the "
+                        "checkpoint (streamed, and loaded whole with --baseline)")
     args = parser.parse_args(argv)
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -153,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
                                              str(work / "in-memory"), *args.prune.split())
             print(f"  baseline, loaded whole: peak RSS {gib(base)} in {base_seconds:.0f} s -> streamed / loaded whole "
                   f"= {peak / base:.3f}")
+        if args.spectra:
+            spectra_peaks(work, total, args.baseline)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -95,11 +95,11 @@ def heatmap_figure(grids: dict[str, heads.HeadGrid], pairs: tuple[str, ...]) -> 
     """Attention module x head: share of energy in the top ``TOP_FRACTION`` of directions, one panel per pair."""
     top = f"top {heads.TOP_FRACTION:.0%}"
     fig = make_subplots(rows=1, cols=2, subplot_titles=[PAIR_LABEL[p] for p in ("qk", "vo")], shared_yaxes=True,
-                        horizontal_spacing=0.04)
+                        horizontal_spacing=0.04 if len(pairs) == 2 else 0.15)  # room for names beside a note
     for col, pair in enumerate(("qk", "vo"), start=1):
         if pair not in pairs:
-            fig.add_annotation(text="not available: rotary position embeddings<br>sit between W_q and W_k",
-                               showarrow=False, row=1, col=col, x=0.5, y=0.5, xref="x domain", yref="y domain")
+            _unavailable(fig, col, "not available: rotary position embeddings<br>sit between W_q and W_k")
+            fig.update_yaxes(showticklabels=True, row=1, col=3 - col)  # the module names go on the other panel
             continue
         g = grids[pair]
         custom = [[[int(k), float(e), g.head_dim] for k, e in zip(kr, er)] for kr, er in zip(g.kept, g.effective_rank)]
@@ -108,7 +108,7 @@ def heatmap_figure(grids: dict[str, heads.HeadGrid], pairs: tuple[str, ...]) -> 
         fig.add_trace(go.Heatmap(z=g.energy, x=list(range(g.energy.shape[1])), y=heads.short_names(g.modules),
                                  customdata=custom, coloraxis="coloraxis", hovertemplate=hover), row=1, col=col)
         fig.update_xaxes(title_text="head", row=1, col=col)
-        fig.update_yaxes(autorange="reversed", row=1, col=col)
+    fig.update_yaxes(autorange="reversed")  # both panels: the y axes are matched
     rows = max((len(g.modules) for g in grids.values()), default=4)
     fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": 0, "cmax": 1,
                                  "colorbar": {"title": {"text": f"energy in<br>{top}"}}},
@@ -120,10 +120,10 @@ def curves_figure(grids: dict[str, heads.HeadGrid], pairs: tuple[str, ...], laye
                   cuts: dict[str, float | None]) -> go.Figure:
     """Singular values of each head of ``layer``; kept directions as dots, removed ones as crosses."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=[f"{PAIR_LABEL[p]} of {layer}" for p in ("qk", "vo")])
+    first = next((p for p in ("qk", "vo") if p in pairs), None)  # the panel with the legend and the y title
     for col, pair in enumerate(("qk", "vo"), start=1):
         if pair not in pairs:
-            fig.add_annotation(text="not available (rotary)", showarrow=False, row=1, col=col,
-                               x=0.5, y=0.5, xref="x domain", yref="y domain")
+            _unavailable(fig, col, "not available: rotary position embeddings<br>sit between W_q and W_k")
             continue
         g = grids[pair]
         row = g.modules.index(layer)
@@ -133,7 +133,7 @@ def curves_figure(grids: dict[str, heads.HeadGrid], pairs: tuple[str, ...], laye
             values = [v if v > 0 else None for v in s[h].tolist()]
             fig.add_trace(go.Scatter(
                 x=list(range(1, len(values) + 1)), y=values, mode="lines+markers", name=f"head {h}",
-                legendgroup=f"h{h}", showlegend=col == 1,
+                legendgroup=f"h{h}", showlegend=pair == first,
                 marker={"symbol": ["circle" if i < kept else "x" for i in range(len(values))], "size": 5,
                         "opacity": [1.0 if i < kept else 0.35 for i in range(len(values))]},
                 hovertemplate=f"head {h}<br>direction %{{x}}<br>σ %{{y:.4g}}<br>rank kept {kept} of {len(values)}"
@@ -141,9 +141,18 @@ def curves_figure(grids: dict[str, heads.HeadGrid], pairs: tuple[str, ...], laye
         _threshold_line(fig, col, pair, g.kept[row], setting, cuts.get(pair))
         fig.update_xaxes(title_text="direction (by singular value)", row=1, col=col)
         fig.update_yaxes(type="log", dtick=1, exponentformat="power", row=1, col=col,
-                         title_text="singular value" if col == 1 else None)
+                         title_text="singular value" if pair == first else None)
     fig.update_layout(height=440, margin={"l": 10, "r": 10, "t": 60, "b": 10}, legend={"font": {"size": 10}})
     return fig
+
+
+def _unavailable(fig: go.Figure, col: int, text: str) -> None:
+    """A note centred on subplot ``col``'s empty panel, in paper coordinates: plotly draws no axes for a
+    panel without traces, so a note placed on its axes' domain lands elsewhere."""
+    x, y = (fig.layout[f"{axis}axis{'' if col == 1 else col}"].domain for axis in "xy")
+    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=sum(x) / 2, y=sum(y) / 2)
+    fig.update_xaxes(visible=False, row=1, col=col)
+    fig.update_yaxes(visible=False, row=1, col=col)
 
 
 def _threshold_line(fig: go.Figure, col: int, pair: str, kept, setting: cs.Setting, cut: float | None) -> None:

@@ -473,7 +473,8 @@ def weight_files(folder: Path) -> WeightFiles:
 
 # A variant's weights: diffusion_pytorch_model.fp16.safetensors, or the index of its shards
 # (diffusion_pytorch_model.safetensors.index.fp16.json), as save_pretrained(variant="fp16") names them.
-_VARIANT_FILE = re.compile(r"(?:model|diffusion_pytorch_model)(?:\.safetensors\.index\.([\w-]+)\.json|\.([\w-]+)\.safetensors)")
+_VARIANT_FILE = re.compile(r"(?:model|diffusion_pytorch_model)"
+                           r"(?:\.safetensors\.index\.([\w-]+)\.json|\.([\w-]+)\.safetensors)")
 _SHARD = re.compile(r".*-\d+-of-\d+")  # diffusion_pytorch_model.fp16-00001-of-00003.safetensors: a shard
 
 

@@ -167,7 +167,14 @@ def test_rotary_models_offer_only_vo(make_llama, tmp_path):
         call(studio.spectra, "tiny-llama", 0.5, "qk", "uniform", None)
     heatmap, curves, ranks = studio.spectra("tiny-llama", 0.5, "vo", "uniform", None)
     assert kept_in_heatmap(heatmap).shape == (1, 2, 2)  # V-O only: 2 layers x 2 KV groups
-    assert any("rotary" in a.text for a in heatmap.layout.annotations) and "Q-K is not offered" in ranks
+    assert "Q-K is not offered" in ranks
+    for fig in (heatmap, curves):  # the note sits on the empty Q-K panel (plotly draws no axes there)
+        note = next(a for a in fig.layout.annotations if "rotary" in a.text)
+        left, right = fig.layout.xaxis.domain
+        assert (note.xref, note.yref) == ("paper", "paper") and left < note.x < right
+        assert fig.layout.xaxis.visible is False
+    assert heatmap.layout.yaxis2.showticklabels  # the module names, beside the V-O panel
+    assert {t.name for t in curves.data if t.showlegend} == {"head 0", "head 1"}  # the legend, from V-O
 
 
 def test_download_is_a_zipped_checkpoint_that_loads_back(studio, tmp_path):

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 import plotly.graph_objects as go
+from plotly.colors import qualitative, sample_colorscale
 import torch
 from gradio.utils import get_upload_folder
 from plotly.subplots import make_subplots
@@ -128,22 +129,33 @@ def curves_figure(grids: dict[str, heads.HeadGrid], pairs: tuple[str, ...], laye
         g = grids[pair]
         row = g.modules.index(layer)
         s = g.singular_values[layer]
+        colors = head_colors(s.shape[0])  # head h has one color in both panels
         for h in range(s.shape[0]):
             kept = int(g.kept[row, h])
             values = [v if v > 0 else None for v in s[h].tolist()]
             fig.add_trace(go.Scatter(
                 x=list(range(1, len(values) + 1)), y=values, mode="lines+markers", name=f"head {h}",
-                legendgroup=f"h{h}", showlegend=pair == first,
+                legendgroup=f"h{h}", showlegend=pair == first, line={"color": colors[h]},
                 marker={"symbol": ["circle" if i < kept else "x" for i in range(len(values))], "size": 5,
-                        "opacity": [1.0 if i < kept else 0.35 for i in range(len(values))]},
+                        "opacity": [1.0 if i < kept else 0.35 for i in range(len(values))], "color": colors[h]},
                 hovertemplate=f"head {h}<br>direction %{{x}}<br>σ %{{y:.4g}}<br>rank kept {kept} of {len(values)}"
                               f"<extra>{PAIR_LABEL[pair]}</extra>"), row=1, col=col)
         _threshold_line(fig, col, pair, g.kept[row], setting, cuts.get(pair))
         fig.update_xaxes(title_text="direction (by singular value)", row=1, col=col)
-        fig.update_yaxes(type="log", dtick=1, exponentformat="power", row=1, col=col,
-                         title_text="singular value" if pair == first else None)
+        positive = s[s > 0]
+        decades = (positive.max() / positive.min()).log10().item() if len(positive) else 0.0
+        fig.update_yaxes(type="log", dtick=1 if decades >= 2 else None, exponentformat="power", row=1, col=col,
+                         title_text="singular value" if pair == first else None)  # a tick per decade, or finer
     fig.update_layout(height=440, margin={"l": 10, "r": 10, "t": 60, "b": 10}, legend={"font": {"size": 10}})
     return fig
+
+
+def head_colors(n: int) -> list[str]:
+    """``n`` distinct colors, one per head: plotly's qualitative palette up to 10 heads, else samples of
+    a continuous scale (GPT-2 XL has 25 heads, more than any qualitative palette)."""
+    if n <= len(qualitative.Plotly):
+        return qualitative.Plotly[:n]
+    return sample_colorscale("Turbo", [i / (n - 1) for i in range(n)])
 
 
 def _unavailable(fig: go.Figure, col: int, text: str) -> None:

@@ -286,3 +286,24 @@ def test_image_compare_and_quality_with_sdxl_tiny_random(studio, monkeypatch):
     assert np.array_equal(again[0], first[0])  # same prompt, seed and scheduler: the same image
     with pytest.raises(gr.Error, match="steps=99"):
         call(studio.compare_images, "sdxl-tiny-random", 0.0, "both", "uniform", "a red barn", 3, 99, first[4])
+
+
+def test_curves_color_each_head_alike_in_both_panels_and_label_narrow_log_ranges():
+    import numpy as np
+
+    from clover_core.heads import HeadGrid
+
+    def grid(pair, s):
+        n, k = s.shape
+        return HeadGrid(pair=pair, modules=["m"], energy=np.zeros((1, n)), effective_rank=np.full((1, n), float(k)),
+                        kept=np.full((1, n), k), head_dim=k, singular_values={"m": s})
+
+    wide = torch.logspace(1, -7, 16).repeat(3, 1)  # eight decades (Whisper's Q-K)
+    narrow = torch.linspace(2.0, 1.0, 16).repeat(3, 1)  # under one decade (the tiny SDXL UNet)
+    fig = app.curves_figure({"qk": grid("qk", wide), "vo": grid("vo", narrow)}, ("qk", "vo"), "m",
+                            cs.Setting("x", 0.0, "vo", "uniform"), {})
+    colors = {(t.xaxis, t.name): t.line.color for t in fig.data}
+    assert len({colors["x", f"head {h}"] for h in range(3)}) == 3
+    assert all(colors["x", f"head {h}"] == colors["x2", f"head {h}"] for h in range(3))
+    assert fig.layout.yaxis.dtick == 1 and fig.layout.yaxis2.dtick is None  # a tick per decade, or plotly's finer ones
+    assert len(set(app.head_colors(25))) == 25  # GPT-2 XL's 25 heads

@@ -2,7 +2,7 @@
 loaded a model, pruned it and measured it.
 
     python demos/screenshot_app.py                                   # the app's default model
-    python demos/screenshot_app.py --model whisper-tiny.en --mode global --ratio 0.25 --out assets/app.png
+    python demos/screenshot_app.py --model whisper-tiny.en --target qk --mode global --ratio 0.25 --out assets/app.png
 
 Drives the system Chromium (``apt-get install chromium``) through Playwright; nothing is downloaded.
 """
@@ -31,7 +31,12 @@ def wait_for_results(page, text: str, timeout_s: float) -> None:
                            arg=text, timeout=timeout_s * 1000)
 
 
-def shoot(url: str, out: Path, mode: str, ratio: float | None, width: int, timeout_s: float) -> None:
+TARGET_LABEL = {"qk": "Q-K", "vo": "V-O", "both": "both"}
+PRUNED = {"qk": "Q-K pruned", "vo": "V-O pruned", "both": "Q-K and V-O pruned"}  # as the results title says
+
+
+def shoot(url: str, out: Path, target: str | None, mode: str, ratio: float | None, width: int,
+          timeout_s: float) -> None:
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -42,6 +47,9 @@ def shoot(url: str, out: Path, mode: str, ratio: float | None, width: int, timeo
         page = browser.new_page(viewport={"width": width, "height": 1200}, device_scale_factor=1)
         page.goto(url)
         page.wait_for_selector("#results table", timeout=timeout_s * 1000)
+        if target is not None:
+            page.get_by_test_id(f"{TARGET_LABEL[target]}-radio-label").click()
+            wait_for_results(page, PRUNED[target], timeout_s)
         if mode != "uniform":
             page.get_by_text("global: one threshold").click()
             wait_for_results(page, f"{mode}, ratio", timeout_s)
@@ -60,6 +68,8 @@ def shoot(url: str, out: Path, mode: str, ratio: float | None, width: int, timeo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="the model the page opens with (default: the app's default)")
+    p.add_argument("--target", choices=list(TARGET_LABEL), default=None, help="the pair to prune (default: the "
+                   "app's default)")
     p.add_argument("--mode", choices=["uniform", "global"], default="uniform")
     p.add_argument("--ratio", type=float, default=None, help="move the ratio slider here before the shot")
     p.add_argument("--out", type=Path, default=Path("assets/app.png"))
@@ -73,7 +83,7 @@ def main() -> None:
     demo = app.build_demo()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     try:
-        shoot(demo.local_url, args.out, args.mode, args.ratio, args.width, args.timeout)
+        shoot(demo.local_url, args.out, args.target, args.mode, args.ratio, args.width, args.timeout)
     finally:
         demo.close()
     print(f"wrote {args.out}")

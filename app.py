@@ -40,6 +40,10 @@ DEFAULT_RATIO = 0.25
 PAIR_LABEL = {"qk": "Q-K", "vo": "V-O"}
 KIND_LABEL = {"lm": "language", "speech": "speech", "diffusion": "image"}
 VARIANT_LABEL = {"original": "original", "vanilla": "vanilla-pruned", "clover": "CLOVER-pruned"}
+IMAGE_HEIGHT = 360  # px: the generated images' box
+# The browser shows an image at most at its own size: the tiny UNet's 32 x 32 px would be a speck in the
+# box. Scaled to fill it, pixels kept sharp; the images themselves (what the API returns) are unchanged.
+CSS = ".clover-image img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}"
 QUALITY = {  # column title, number format
     "perplexity": ("perplexity (WikiText-2, {n} tokens)", "{:,.2f}"),
     "wer": ("word error rate (bundled clips)", "{:.3f}"),
@@ -433,7 +437,8 @@ def _compare_panels(ui: SimpleNamespace) -> None:
             ui.steps = gr.Slider(1, cs.MAX_IMAGE_STEPS, value=20, step=1, label="Steps")
         ui.image_btn = gr.Button("Generate images", variant="primary")
         with gr.Row():
-            ui.images = [gr.Image(label=VARIANT_LABEL[v], type="numpy") for v in cs.VARIANTS]
+            ui.images = [gr.Image(label=VARIANT_LABEL[v], type="numpy", height=IMAGE_HEIGHT,
+                                  elem_classes=["clover-image"]) for v in cs.VARIANTS]
         ui.image_note = gr.Markdown()
 
 
@@ -477,8 +482,9 @@ def _queue_size() -> int:
 
 
 def launch_options() -> dict:
-    """What :meth:`gr.Blocks.launch` needs beyond the address: uploads are refused above the audio cap."""
-    return {"max_file_size": f"{cs.MAX_AUDIO_BYTES // 2**20}mb"}
+    """What :meth:`gr.Blocks.launch` needs beyond the address: uploads are refused above the audio cap,
+    and the page's style (``CSS``)."""
+    return {"max_file_size": f"{cs.MAX_AUDIO_BYTES // 2**20}mb", "css": CSS}
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def main() -> None:
     import app
 
     demo = app.build_demo()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                **app.launch_options())
     try:
         shoot(demo.local_url, args.out, args.target, args.mode, args.ratio, args.width, args.timeout)
     finally:

@@ -25,19 +25,25 @@ def url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(url):
+def browser():
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM, "no system chromium: install it with `sudo apt-get install chromium` (make test does)"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url)
-        yield page
+        yield browser
         browser.close()
-        assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    yield page
+    page.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
 
 
 def plot_state(page, elem_id: str) -> dict:
@@ -79,3 +85,32 @@ def test_slider_updates_the_numbers_and_the_plots(page):
     new_heatmap, new_curves = plot_state(page, "heatmap"), plot_state(page, "curves")
     assert new_heatmap["custom"][1][0][0][0] == kept
     assert new_curves["shapes"] != curves["shapes"] and new_curves["shapes"][0][0] == kept + 0.5
+
+
+def test_small_generated_images_fill_their_boxes(browser, tmp_path):
+    """The tiny UNet's 32 x 32 px images are scaled up to their boxes by the page's style (a browser
+    shows an image at most at its own size), with the app's own launch options."""
+    with launched_app(tmp_path, launch=app.launch_options(), CLOVER_DEFAULT_MODEL="sdxl-tiny-random") as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(url)
+        page.wait_for_selector("#results table", timeout=TIMEOUT_MS)
+        page.get_by_role("tab", name="Compare outputs").click()
+        page.get_by_role("button", name="Generate images").click()
+        images = page.locator(".clover-image img")
+        page.wait_for_function("() => { const imgs = [...document.querySelectorAll('.clover-image img')];"
+                               " return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0); }",
+                               timeout=TIMEOUT_MS)
+        drawn = [images.nth(i).evaluate(DRAWN_HEIGHT) for i in range(3)]
+        page.close()
+    assert all(d["natural"] <= 64 for d in drawn)  # the images are small
+    assert all(d["drawn"] >= 0.75 * app.IMAGE_HEIGHT and d["rendering"] == "pixelated" for d in drawn), drawn
+
+
+# The height an <img> is drawn at inside its box: object-fit "contain" scales it to fit, "scale-down"
+# (gradio's own) never above its natural size.
+DRAWN_HEIGHT = """img => {
+    const style = getComputedStyle(img), box = img.getBoundingClientRect();
+    let scale = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);
+    if (style.objectFit === "scale-down" || style.objectFit === "none") scale = Math.min(scale, 1);
+    return {natural: img.naturalHeight, drawn: img.naturalHeight * scale, rendering: style.imageRendering};
+}"""

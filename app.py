@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 import plotly.graph_objects as go
-from plotly.colors import qualitative, sample_colorscale
 import torch
 from gradio.utils import get_upload_folder
+from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from clover_core import heads

@@ -114,9 +114,14 @@ def spectra_peaks(work: Path, total: int, baseline: bool) -> None:
     peak, seconds, _ = peak_rss(CLI, *argv)
     print(f"spectra, streamed: {seconds:.0f} s, peak RSS {gib(peak)} = {peak / total:.3f} x the checkpoint")
     if baseline:
-        base, base_seconds, _ = peak_rss(IN_MEMORY, *argv)
-        print(f"  baseline, loaded whole: peak RSS {gib(base)} in {base_seconds:.0f} s -> streamed / loaded whole "
-              f"= {peak / base:.3f}")
+        print_baseline(peak, *argv)
+
+
+def print_baseline(streamed_peak: int, *argv: str) -> None:
+    """The same command with streaming off (the model loaded whole): its peak against the streamed one."""
+    base, seconds, _ = peak_rss(IN_MEMORY, *argv)
+    print(f"  baseline, loaded whole: peak RSS {gib(base)} in {seconds:.0f} s -> streamed / loaded whole "
+          f"= {streamed_peak / base:.3f}")
 
 
 def check_disk(folder: Path, need: int) -> None:
@@ -165,10 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  interpreter floor (imports + meta skeleton, no weights): {gib(floor)}; "
               f"peak above it: {gib(peak - floor)}")
         if args.baseline:
-            base, base_seconds, _ = peak_rss(IN_MEMORY, "prune", "--model", str(work / "src"), "--out",
-                                             str(work / "in-memory"), *args.prune.split())
-            print(f"  baseline, loaded whole: peak RSS {gib(base)} in {base_seconds:.0f} s -> streamed / loaded whole "
-                  f"= {peak / base:.3f}")
+            print_baseline(peak, "prune", "--model", str(work / "src"), "--out", str(work / "in-memory"),
+                           *args.prune.split())
         if args.spectra:
             spectra_peaks(work, total, args.baseline)
     finally:

@@ -49,10 +49,6 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def index_name(stem: str) -> str:
-    return f"{stem}.safetensors.index.json"
-
-
 def streamable(name: str | os.PathLike) -> Path | None:
     """The folder ``python -m clover_core prune`` streams for ``--model name``, or None (loaded whole):
     a safetensors model folder that is not already pruned, sharded or not (GPT-2 XL ships as one
@@ -221,6 +217,12 @@ class ShardWriter:
         self.file.close()
         self.file = None
 
+    def abort(self) -> None:
+        """Close the shard being written, after a failure (the caller removes the folder)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
     def close(self) -> dict[str, str]:
         """Finish the last shard, give the shards their final names; returns the weight map."""
         self._finish()
@@ -236,7 +238,7 @@ class ShardWriter:
                     weight_map[key] = name
                     total += entry["data_offsets"][1] - entry["data_offsets"][0]
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.folder / index_name(self.stem)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (self.folder / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return weight_map
 
 
@@ -295,8 +297,8 @@ def stream_prune(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
         (tmp / CARD).write_text(model_card(skeleton, meta, out.name, auto_map, dtype))
         _replace(tmp, out)
     except BaseException:
-        if writer is not None and writer.file is not None:
-            writer.file.close()
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("streamed a pruned %s to %s", type(skeleton).__name__, out)

@@ -18,6 +18,7 @@ RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" "torch>=2.4,<3" \
 # Only what the app runs on (no .venv, .git or tests in the image).
 COPY --chown=clover:clover app.py pyproject.toml README.md ./
 COPY --chown=clover:clover clover_core ./clover_core
+COPY --chown=clover:clover studio ./studio
 COPY --chown=clover:clover assets ./assets
 USER clover
 ENV HOME=/home/clover \
@@ -25,7 +26,8 @@ ENV HOME=/home/clover \
     CLOVER_CACHE=/home/clover/.cache/clover_studio \
     GRADIO_ANALYTICS_ENABLED=False \
     PYTHONUNBUFFERED=1 \
-    PORT=7860
+    GRADIO_SERVER_NAME=0.0.0.0 \
+    GRADIO_SERVER_PORT=7860
 # The default model ships as GGUF; convert it once now, so the first page load does not wait for it.
 RUN python -c "from clover_core.models import load_model; load_model('smollm2-135m')"
 EXPOSE 7860

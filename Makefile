@@ -1,5 +1,6 @@
 # Quick start:  make demo   (set up .venv, start the web app on an offline model: http://127.0.0.1:7860)
-#               make test   (set up .venv and the system Chromium, run the test suite)
+#               make test   (set up .venv and the system Chromium, lint, run the whole test suite)
+# Also:         make fast-test (the fast math and engine tests only, under a minute), make lint
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 # requirements.txt is already satisfied and no multi-GB CUDA build is pulled in.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo cli-demo test clean chromium
+.PHONY: setup demo cli-demo test fast-test lint clean chromium
 setup: $(VENV)/.installed
 
 # The browser test (tests/test_browser.py) drives the system Chromium, never a downloaded one.
@@ -34,8 +35,16 @@ demo: setup
 cli-demo: setup
 	$(PY) -m clover_core demo
 
-test: setup chromium
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup chromium lint
 	$(PY) -m pytest -q
+
+FAST := not slow and not real_weights and not server and not browser and not gpu
+fast-test: setup
+	$(PY) -m pytest -q -m "$(FAST)"
 
 clean:
 	rm -rf $(VENV)

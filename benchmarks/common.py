@@ -25,11 +25,14 @@ MODELS = ("gpt2-xl", "whisper-large-v3", "sdxl-unet", "smollm2-135m", "gpt2-smal
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads``, common to every benchmark."""
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's own choice)")
-    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
-                        help="wall: elapsed time; process: CPU time of this process, steadier on a shared "
-                             "machine (CPU only; with one thread it is the work done)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default="wall",
+        help="wall: elapsed time; process: CPU time of this process, steadier on a shared "
+        "machine (CPU only; with one thread it is the work done)",
+    )
 
 
 def setup_device(args: argparse.Namespace) -> torch.device:
@@ -46,8 +49,10 @@ def setup_device(args: argparse.Namespace) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in every figure
         print(f"device: {torch.cuda.get_device_name(device)} ({args.device}), torch {torch.__version__}")
     else:
-        print(f"device: CPU {cpu_name()}, {torch.get_num_threads()} torch threads, "
-              f"{os.cpu_count()} cores, torch {torch.__version__}")
+        print(
+            f"device: CPU {cpu_name()}, {torch.get_num_threads()} torch threads, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}"
+        )
     return device
 
 
@@ -111,25 +116,53 @@ def config_for(name: str):
     if name == "gpt2-small":
         return GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
     if name == "whisper-large-v3":
-        return WhisperConfig(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
-                             decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120,
-                             num_mel_bins=128, vocab_size=51866)
+        return WhisperConfig(
+            d_model=1280,
+            encoder_layers=32,
+            decoder_layers=32,
+            encoder_attention_heads=20,
+            decoder_attention_heads=20,
+            encoder_ffn_dim=5120,
+            decoder_ffn_dim=5120,
+            num_mel_bins=128,
+            vocab_size=51866,
+        )
     if name == "smollm2-135m":
-        return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                           num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                           rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        return LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     if name == "sdxl-unet":
-        return dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-                    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-                    addition_embed_type="text_time", addition_time_embed_dim=256,
-                    projection_class_embeddings_input_dim=2816)
+        return dict(
+            sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
     raise SystemExit(f"model {name!r} is not one of {', '.join(MODELS)}")
 
 
-def build_model(name: str, device: torch.device | str = "meta", seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_model(
+    name: str, device: torch.device | str = "meta", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """A full-size model from its config: shapes only on ``meta``, random N(0, 0.02) weights elsewhere.
 
     Weights are allocated uninitialized and filled once (no default initializers, which take minutes
@@ -138,7 +171,7 @@ def build_model(name: str, device: torch.device | str = "meta", seed: int = 0,
     from transformers import GPT2LMHeadModel, LlamaForCausalLM, WhisperForConditionalGeneration
     from transformers.initialization import no_init_weights
 
-    from clover_core.checkpoint import cast_model
+    from clover_core.io.checkpoint import cast_model
 
     config = config_for(name)
     with torch.device(device), no_init_weights():
@@ -147,8 +180,9 @@ def build_model(name: str, device: torch.device | str = "meta", seed: int = 0,
 
             model = UNet2DConditionModel(**config)
         else:
-            cls = {"gpt2": GPT2LMHeadModel, "whisper": WhisperForConditionalGeneration,
-                   "llama": LlamaForCausalLM}[config.model_type]
+            cls = {"gpt2": GPT2LMHeadModel, "whisper": WhisperForConditionalGeneration, "llama": LlamaForCausalLM}[
+                config.model_type
+            ]
             model = cls(config)
     model = cast_model(model, dtype).eval()
     if hasattr(model, "tie_weights"):  # transformers: no_init_weights also skips the tying init does

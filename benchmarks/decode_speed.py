@@ -22,11 +22,10 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import MODELS, add_device_args, build_model, setup_device, timed, with_cache  # noqa: E402
-
 import clover_core as cc  # noqa: E402
+from benchmarks.common import MODELS, add_device_args, build_model, setup_device, timed, with_cache  # noqa: E402
+from clover_core.architectures.remote import clover_attention  # noqa: E402
 from clover_core.metrics import kv_cache_bytes_per_token, output_cache, parameter_count  # noqa: E402
-from clover_core.remote import clover_attention  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +48,8 @@ def variants(model: torch.nn.Module, ratio: float) -> list[tuple[str, torch.nn.M
     target = "both" if "qk" in dec.pair_types else "vo"
     return [("original", model)] + [
         (f"clover {target} {mode} {ratio}", cc.prune(dec, ratio=ratio, target=target, mode=mode))
-        for mode in ("uniform", "global")]
+        for mode in ("uniform", "global")
+    ]
 
 
 class Unpadded:
@@ -82,8 +82,9 @@ def measured_kv_bytes(model: torch.nn.Module, ids: torch.Tensor) -> float:
     return total / ids.numel()
 
 
-def decode_rates(models: list, batch: int, prompt: int, new: int, device: torch.device,
-                 repeats: int) -> list[tuple[float, float]]:
+def decode_rates(
+    models: list, batch: int, prompt: int, new: int, device: torch.device, repeats: int
+) -> list[tuple[float, float]]:
     """Per model: (prefill seconds, decode tokens per second) at ``batch`` with a ``prompt``-token
     context. The models take turns within each repeat (same machine load); the best run is kept."""
     vocab = models[0].config.vocab_size
@@ -95,11 +96,17 @@ def decode_rates(models: list, batch: int, prompt: int, new: int, device: torch.
             pad = model.generation_config.pad_token_id or model.generation_config.eos_token_id or 0
 
             def generate(n: int, model=model, pad=pad):
-                return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, use_cache=True, pad_token_id=pad)
+                return model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=pad,
+                )
 
-            runs = (lambda: model(ids, attention_mask=mask, use_cache=True), lambda: generate(1),
-                    lambda: generate(new))
+            runs = (lambda: model(ids, attention_mask=mask, use_cache=True), lambda: generate(1), lambda: generate(new))
             best[i] = [min(b, timed(fn, device, repeats=1, warmup=0)) for b, fn in zip(best[i], runs)]
     # generate(N) timed no slower than generate(1): the machine was too noisy to tell (NaN, printed n/a)
     return [(prefill, batch * (new - 1) / (many - one) if many > one else float("nan")) for prefill, one, many in best]
@@ -142,9 +149,11 @@ def sdpa_kernels(model: torch.nn.Module, device: torch.device, seq: int = 256, p
         params = torch.backends.cuda.SDPAParams(q, k, val, None, 0.0, True, False)
     except (AttributeError, TypeError) as e:
         return f"unknown ({e})"
-    checks = {"flash": torch.backends.cuda.can_use_flash_attention,
-              "mem-efficient": torch.backends.cuda.can_use_efficient_attention,
-              "cudnn": getattr(torch.backends.cuda, "can_use_cudnn_attention", None)}
+    checks = {
+        "flash": torch.backends.cuda.can_use_flash_attention,
+        "mem-efficient": torch.backends.cuda.can_use_efficient_attention,
+        "cudnn": getattr(torch.backends.cuda, "can_use_cudnn_attention", None),
+    }
     usable = [name for name, check in checks.items() if check is not None and check(params, False)]
     return f"{pruned} (SDPA sees qk {qk}, v {v}): " + (", ".join(usable) or "none (math fallback)")
 
@@ -160,8 +169,10 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
     model, what = load(name, device)
     model = model.to(DTYPES[args.dtype])
     model.generation_config.max_length = None
-    print(f"\n== {name} ({parameter_count(model) / 1e6:.0f}M parameters, {what}, "
-          f"attention {model.config._attn_implementation})")
+    print(
+        f"\n== {name} ({parameter_count(model) / 1e6:.0f}M parameters, {what}, "
+        f"attention {model.config._attn_implementation})"
+    )
     rows = variants(model, args.ratio)
     if args.padding_baseline:  # the global model (ragged widths) once more, without the padding
         rows.append((f"{rows[-1][0]} unpadded", Unpadded(rows[-1][1])))
@@ -171,14 +182,19 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
         if isinstance(m, Unpadded):
             continue  # the same model as the row above
         kv, alloc = kv_cache_bytes_per_token(m), measured_kv_bytes(m, probe)
-        print(f"  {label:<28} {parameter_count(m) / 1e6:7.1f}M params  KV cache {kv:>8,} B/token "
-              f"({kv / base_kv:.2f}x; allocated {alloc:,.0f})")
+        print(
+            f"  {label:<28} {parameter_count(m) / 1e6:7.1f}M params  KV cache {kv:>8,} B/token "
+            f"({kv / base_kv:.2f}x; allocated {alloc:,.0f})"
+        )
     if device.type == "cuda":
         for label, m in rows:
             kernels = sdpa_kernels(m, device, padded=not isinstance(m, Unpadded))
             print(f"  {label:<28} SDPA kernels usable at prefill: {kernels}")
-    context = min(args.long_context, model.config.max_position_embeddings - args.new_tokens) \
-        if hasattr(model.config, "max_position_embeddings") else args.long_context
+    context = (
+        min(args.long_context, model.config.max_position_embeddings - args.new_tokens)
+        if hasattr(model.config, "max_position_embeddings")
+        else args.long_context
+    )
     cases = [(b, args.prompt) for b in args.batches] + ([(1, context)] if args.long_context else [])
     print(f"  {'batch x context':<18}" + "".join(f"{label:>34}" for label, _ in rows))
     with torch.no_grad():
@@ -190,8 +206,10 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
             if args.padding_baseline:
                 (pf_pad, rate_pad), (pf_raw, rate_raw) = results[-2:]
                 decode = "n/a (noise)" if math.isnan(rate_pad / rate_raw) else f"{rate_pad / rate_raw:.2f}x faster"
-                print(f"  {'':<18}width rule, global model: prefill {pf_raw / pf_pad:.2f}x faster, "
-                      f"decode {decode} than with the widths as they are")
+                print(
+                    f"  {'':<18}width rule, global model: prefill {pf_raw / pf_pad:.2f}x faster, "
+                    f"decode {decode} than with the widths as they are"
+                )
             if args.step_repeats:
                 steps = step_times([m for _, m in rows], batch, prompt, device, args.step_repeats)
                 cells = [f"step {t * 1e3:8.1f} ms {steps[0] / t:4.2f}x" for t in steps]
@@ -201,22 +219,36 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_device_args(parser)
-    parser.add_argument("--model", nargs="+", default=["gpt2-small", "smollm2-135m"],
-                        help=f"benchmark shapes ({', '.join(MODELS)}) or any clover_core.load_model name")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["gpt2-small", "smollm2-135m"],
+        help=f"benchmark shapes ({', '.join(MODELS)}) or any clover_core.load_model name",
+    )
     parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                        help="model dtype (bfloat16 is the usual choice on a GPU)")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32", help="model dtype (bfloat16 is the usual choice on a GPU)"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens for the batch sweep")
-    parser.add_argument("--long-context", type=int, default=1024, help="prompt tokens of the batch-1 long case (0: skip it)")
+    parser.add_argument(
+        "--long-context", type=int, default=1024, help="prompt tokens of the batch-1 long case (0: skip it)"
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the models (best kept)")
-    parser.add_argument("--padding-baseline", action="store_true",
-                        help="also run the global model with its widths handed to SDPA as they are, without "
-                             "the padding for the fused kernels (on CUDA: to multiples of 8; on the CPU: to "
-                             "equal widths) or the eager decoding steps that replace it for large caches")
-    parser.add_argument("--step-repeats", type=int, default=0,
-                        help="also time single decoding steps, models interleaved, best of this many")
+    parser.add_argument(
+        "--padding-baseline",
+        action="store_true",
+        help="also run the global model with its widths handed to SDPA as they are, without "
+        "the padding for the fused kernels (on CUDA: to multiples of 8; on the CPU: to "
+        "equal widths) or the eager decoding steps that replace it for large caches",
+    )
+    parser.add_argument(
+        "--step-repeats",
+        type=int,
+        default=0,
+        help="also time single decoding steps, models interleaved, best of this many",
+    )
     args = parser.parse_args(argv)
     device = setup_device(args)
     for name in args.model:

@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (add_device_args, build_model, cpu_split, gib, peak_rss_bytes, setup_device,  # noqa: E402
-                               timed)
-from clover_core.adapters import attention_modules  # noqa: E402
-from clover_core.decompose import _gram, _gram_rotation, orthogonalize  # noqa: E402
+from benchmarks.common import add_device_args, build_model, cpu_split, gib, peak_rss_bytes, setup_device, timed  # noqa: E402
+from clover_core.architectures import attention_modules  # noqa: E402
+from clover_core.orthogonalize import _gram, _gram_rotation, orthogonalize  # noqa: E402
 
 SHAPE_MODELS = ("gpt2-xl", "whisper-large-v3", "sdxl-unet")
 
@@ -36,8 +35,11 @@ SHAPE_MODELS = ("gpt2-xl", "whisper-large-v3", "sdxl-unet")
 def pair_shapes(name: str) -> list[tuple[torch.Size, torch.Size]]:
     """Every attention module's (a, b) factor shapes, both pairs, in model order (from a meta model)."""
     model = build_model(name, "meta")
-    return [(a.shape, b.shape) for _, module, adapter in attention_modules(model)
-            for a, b in adapter.factors(module).values()]
+    return [
+        (a.shape, b.shape)
+        for _, module, adapter in attention_modules(model)
+        for a, b in adapter.factors(module).values()
+    ]
 
 
 def random_factors(shape_a, shape_b, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,11 +102,17 @@ def breakdown(shapes, device, repeats: int) -> None:
         ra = torch.linalg.cholesky(ga, upper=True)
         m = ra @ gb @ ra.mT
         eigh = timed(lambda: torch.linalg.eigh(m), device, repeats)
-        parts = {"Grams": grams, "eigh": eigh, "other k x k": rotation - grams - eigh,
-                 "rotation GEMMs": engine - rotation}
+        parts = {
+            "Grams": grams,
+            "eigh": eigh,
+            "other k x k": rotation - grams - eigh,
+            "rotation GEMMs": engine - rotation,
+        }
         cells = "  ".join(f"{k} {v / floor:.2f}" for k, v in parts.items())
-        print(f"    {sa[0]} x {sa[1]}x{sa[2]} / {sb[1]}x{sb[2]}: floor {floor * 1e3:.2f} ms, engine "
-              f"{engine / floor:.2f} = {cells}")
+        print(
+            f"    {sa[0]} x {sa[1]}x{sa[2]} / {sb[1]}x{sb[2]}: floor {floor * 1e3:.2f} ms, engine "
+            f"{engine / floor:.2f} = {cells}"
+        )
 
 
 def conditioning(names: list[str]) -> None:
@@ -133,8 +141,7 @@ def time_baseline(shapes, device, head_fn, heads_per_shape: int) -> dict:
     for (sa, sb), n_modules in counts.items():
         n = min(heads_per_shape, sa[0])
         a, b = random_factors((n, *sa[1:]), (n, *sb[1:]), device, gen)
-        per_head = sum(timed(lambda: head_fn(a[h], b[h]), device, repeats=1, warmup=int(h == 0))
-                       for h in range(n)) / n
+        per_head = sum(timed(lambda: head_fn(a[h], b[h]), device, repeats=1, warmup=int(h == 0)) for h in range(n)) / n
         total += per_head * sa[0] * n_modules  # every head of every module of this shape
         errors += [rel_error(*head_fn(a[h], b[h]), a[h], b[h]) for h in range(n)]
         timed_heads += n
@@ -147,20 +154,27 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
     print(f"\n== {name}: {len(shapes) // 2} attention modules, {heads} head pairs (Q-K and V-O)")
     res = time_engine_and_floor(shapes, device, args.repeats, args.check_heads)
     print(f"  attention factors            {gib(res['bytes'])}")
-    print(f"  engine (orthogonalize)       {res['engine']:9.2f} s   ({gib(res['bytes']) } / "
-          f"{res['engine']:.2f} s = {res['bytes'] / res['engine'] / 2**30:.2f} GiB/s)")
-    print(f"  GEMM floor (read + 1 GEMM)   {res['floor']:9.2f} s   engine / floor = {res['engine'] / res['floor']:.2f}x"
-          "   (target <= 3x)")
-    for label, fn, n, target in (("full-SVD reference", reference_head, args.reference_heads, 100),
-                                 ("svd_lowrank loop", lowrank_head, args.lowrank_heads, 10)):
+    print(
+        f"  engine (orthogonalize)       {res['engine']:9.2f} s   ({gib(res['bytes'])} / "
+        f"{res['engine']:.2f} s = {res['bytes'] / res['engine'] / 2**30:.2f} GiB/s)"
+    )
+    print(
+        f"  GEMM floor (read + 1 GEMM)   {res['floor']:9.2f} s   engine / floor = {res['engine'] / res['floor']:.2f}x"
+        "   (target <= 3x)"
+    )
+    for label, fn, n, target in (
+        ("full-SVD reference", reference_head, args.reference_heads, 100),
+        ("svd_lowrank loop", lowrank_head, args.lowrank_heads, 10),
+    ):
         if n <= 0:
             continue
         base = time_baseline(shapes, device, fn, n)
-        print(f"  {label:<28} {base['time']:9.1f} s   engine is {base['time'] / res['engine']:.0f}x faster "
-              f"(target >= {target}x); extrapolated from {base['timed_heads']} timed heads "
-              f"({base['shapes']} shapes) to all {heads}; max rel error {base['max_error']:.1e}")
-    print(f"  engine max rel reconstruction error {res['max_error']:.1e} "
-          f"(float64 check of {res['checked']} heads)")
+        print(
+            f"  {label:<28} {base['time']:9.1f} s   engine is {base['time'] / res['engine']:.0f}x faster "
+            f"(target >= {target}x); extrapolated from {base['timed_heads']} timed heads "
+            f"({base['shapes']} shapes) to all {heads}; max rel error {base['max_error']:.1e}"
+        )
+    print(f"  engine max rel reconstruction error {res['max_error']:.1e} (float64 check of {res['checked']} heads)")
     if args.breakdown:
         breakdown(shapes, device, args.repeats)
     if args.decompose and name in ("gpt2-xl", "whisper-large-v3"):
@@ -191,33 +205,58 @@ def time_decompose(name: str, device: torch.device) -> None:
     extra = f"; the conversion raised peak RSS by {gib(peak_rss_bytes() - peak)}" if device.type == "cpu" else ""
     direct = min(direct, timed(direct_once, device, repeats=1, warmup=0))
     two_steps = min(two_steps, timed(converted, device, repeats=1, warmup=0))
-    print(f"  rank-major factors (Slider, share_weights): decompose(rank_major=True) {direct:.2f} s vs "
-          f"decompose() + use_rank_major() {two_steps:.2f} s = {two_steps / direct:.2f}x faster{extra}")
+    print(
+        f"  rank-major factors (Slider, share_weights): decompose(rank_major=True) {direct:.2f} s vs "
+        f"decompose() + use_rank_major() {two_steps:.2f} s = {two_steps / direct:.2f}x faster{extra}"
+    )
     if device.type == "cpu":
         user, system = cpu_split(direct_once)
-        print(f"  decompose(rank_major=True) CPU time: user {user:.2f} s + system {system:.2f} s "
-              "(system: the kernel faulting in the factors' new memory)")
+        print(
+            f"  decompose(rank_major=True) CPU time: user {user:.2f} s + system {system:.2f} s "
+            "(system: the kernel faulting in the factors' new memory)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_device_args(parser)
-    parser.add_argument("--models", nargs="*", default=list(SHAPE_MODELS), choices=SHAPE_MODELS,
-                        help="model shapes to time (none: only --conditioning)")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=list(SHAPE_MODELS),
+        choices=SHAPE_MODELS,
+        help="model shapes to time (none: only --conditioning)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="engine / floor runs per module (best kept)")
-    parser.add_argument("--reference-heads", type=int, default=2,
-                        help="heads per distinct shape timed for the full-SVD reference (0: skip)")
-    parser.add_argument("--lowrank-heads", type=int, default=4,
-                        help="heads per distinct shape timed for the svd_lowrank loop (0: skip)")
+    parser.add_argument(
+        "--reference-heads",
+        type=int,
+        default=2,
+        help="heads per distinct shape timed for the full-SVD reference (0: skip)",
+    )
+    parser.add_argument(
+        "--lowrank-heads", type=int, default=4, help="heads per distinct shape timed for the svd_lowrank loop (0: skip)"
+    )
     parser.add_argument("--check-heads", type=int, default=2, help="heads per module checked in float64")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also time the engine's parts (Grams, eigensolve, other small algebra, rotation) "
-                             "per distinct module shape, as multiples of the floor")
-    parser.add_argument("--conditioning", nargs="*", metavar="MODEL",
-                        help="print each head's eigenproblem conditioning for these offline models (default: "
-                             "random weights, smollm2-135m, gpt2-shakespeare, whisper-tiny.en, whisper-base)")
-    parser.add_argument("--no-decompose", dest="decompose", action="store_false",
-                        help="skip decompose() on the full model (needs ~2x the model's size in memory)")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the engine's parts (Grams, eigensolve, other small algebra, rotation) "
+        "per distinct module shape, as multiples of the floor",
+    )
+    parser.add_argument(
+        "--conditioning",
+        nargs="*",
+        metavar="MODEL",
+        help="print each head's eigenproblem conditioning for these offline models (default: "
+        "random weights, smollm2-135m, gpt2-shakespeare, whisper-tiny.en, whisper-base)",
+    )
+    parser.add_argument(
+        "--no-decompose",
+        dest="decompose",
+        action="store_false",
+        help="skip decompose() on the full model (needs ~2x the model's size in memory)",
+    )
     args = parser.parse_args(argv)
     device = setup_device(args)
     torch.manual_seed(0)
@@ -225,8 +264,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models:
             run_model(name, device, args)
         if args.conditioning is not None:
-            conditioning(args.conditioning or ["random", "smollm2-135m", "gpt2-shakespeare", "whisper-tiny.en",
-                                               "whisper-base"])
+            conditioning(
+                args.conditioning or ["random", "smollm2-135m", "gpt2-shakespeare", "whisper-tiny.en", "whisper-base"]
+            )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,11 @@ def fingerprint(result: object) -> str:
     parts = []
     for item in result if isinstance(result, (list, tuple)) else [result]:
         path = item.get("path") if isinstance(item, dict) else item
-        if isinstance(path, str) and Path(path).suffix.lower() in {".png", ".webp", ".jpg", ".jpeg"} \
-                and Path(path).is_file():
+        if (
+            isinstance(path, str)
+            and Path(path).suffix.lower() in {".png", ".webp", ".jpg", ".jpeg"}
+            and Path(path).is_file()
+        ):
             parts.append(np.asarray(Image.open(path)).tobytes())
         else:
             parts.append(repr(item).encode())
@@ -103,15 +106,15 @@ def launch(queue_size: int):
 
     os.environ["CLOVER_QUEUE_SIZE"] = str(queue_size)
     import app
-    from clover_core import session as cs
+    from studio import cache as model_cache
+    from studio import downloads
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    scratch = cs.ScratchFolder(tempfile.mkdtemp(prefix="clover-load-test-"))
-    demo = app.build_demo(cs.ModelCache(8 * 2**30), scratch)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **app.launch_options())
+    scratch = downloads.ScratchFolder(tempfile.mkdtemp(prefix="clover-load-test-"))
+    demo = app.build_demo(model_cache.ModelCache(8 * 2**30), scratch)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **app.launch_options())
     return demo, demo.local_url
 
 
@@ -131,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
 
     demo, url = launch(queue_size=2 * args.users)
     try:
-        print(f"app on {url}: {args.users} users for {args.seconds:g} s, models {', '.join(args.models)}, "
-              f"ratios {', '.join(f'{r:g}' for r in args.ratios)}, target {TARGET}, {torch.get_num_threads()} "
-              "torch threads")
+        print(
+            f"app on {url}: {args.users} users for {args.seconds:g} s, models {', '.join(args.models)}, "
+            f"ratios {', '.join(f'{r:g}' for r in args.ratios)}, target {TARGET}, {torch.get_num_threads()} "
+            "torch threads"
+        )
         jobs = [(m, r) for m in args.models for r in args.ratios]
         single = Client(url, verbose=False)
         for model in args.models:  # load and decompose once, outside the timings
@@ -147,12 +152,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             baseline.append(seconds)
         distinct = len(set(reference.values()))
-        print(f"single user   p50 {statistics.median(baseline):.2f} s over {len(jobs)} jobs; {distinct} of {len(jobs)} "
-              "reference results distinct (cross-talk between them would show)")
+        print(
+            f"single user   p50 {statistics.median(baseline):.2f} s over {len(jobs)} jobs; {distinct} of {len(jobs)} "
+            "reference results distinct (cross-talk between them would show)"
+        )
         tally = Tally()
         deadline = time.perf_counter() + args.seconds
-        threads = [threading.Thread(target=user, args=(i, url, jobs, reference, deadline, tally))
-                   for i in range(args.users)]
+        threads = [
+            threading.Thread(target=user, args=(i, url, jobs, reference, deadline, tally)) for i in range(args.users)
+        ]
         start = time.perf_counter()
         for t in threads:
             t.start()
@@ -162,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         demo.close()
     single_p50, p50, p95 = statistics.median(baseline), percentile(tally.latencies, 50), percentile(tally.latencies, 95)
-    print(f"requests      {len(tally.latencies) + len(tally.errors)} in {wall:.1f} s "
-          f"({len(tally.latencies) / wall:.2f} completed / s)")
+    print(
+        f"requests      {len(tally.latencies) + len(tally.errors)} in {wall:.1f} s "
+        f"({len(tally.latencies) / wall:.2f} completed / s)"
+    )
     print(f"errors        {len(tally.errors)}")
     print(f"cross-talk    {len(tally.mismatches)} results differ from the single-user run")
-    print(f"latency       p50 {p50:.2f} s, p95 {p95:.2f} s (single user: p50 {single_p50:.2f} s; "
-          f"concurrent / single p50 = {p50 / single_p50:.1f}x with {args.users} users, one request at a time)")
+    print(
+        f"latency       p50 {p50:.2f} s, p95 {p95:.2f} s (single user: p50 {single_p50:.2f} s; "
+        f"concurrent / single p50 = {p50 / single_p50:.1f}x with {args.users} users, one request at a time)"
+    )
     print(f"peak memory   {gib(peak_rss_bytes())} RSS (app and users, one process)")
     for line in (tally.errors + tally.mismatches)[:10]:
         print(f"  {line}")

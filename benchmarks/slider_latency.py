@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import add_device_args, build_model, setup_device, timed  # noqa: E402
-
 import clover_core as cc  # noqa: E402
+from benchmarks.common import add_device_args, build_model, setup_device, timed  # noqa: E402
 
 RATIOS = (0.25, 0.5, 0.75)
 MOVE_FROM = {0.25: 0.5, 0.5: 0.75, 0.75: 0.25}  # the slider's timed jumps: 0.5 -> 0.25, 0.75 -> 0.5, 0.25 -> 0.75
@@ -72,8 +71,14 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> None
     print("    mode     ratio   prune (copies)        share_weights=True    Slider: jump          Slider: step")
     for mode in ("uniform", "global"):
         for ratio in RATIOS:
-            times = [timed(lambda: cc.prune(dec, ratio=ratio, target=target, mode=mode, share_weights=share),
-                           device, repeats=args.repeats) for share in (False, True)]
+            times = [
+                timed(
+                    lambda: cc.prune(dec, ratio=ratio, target=target, mode=mode, share_weights=share),
+                    device,
+                    repeats=args.repeats,
+                )
+                for share in (False, True)
+            ]
             for start in (MOVE_FROM[ratio], ratio - STEP):
                 times.append(timed_move(slider, start, ratio, device, args.repeats, target=target, mode=mode))
             print(f"    {mode:<8} {ratio:<5}" + "".join(f"   {t:8.4f} s ({100 * t / t_dec:5.2f}%)" for t in times))

@@ -34,20 +34,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import build_model, gib  # noqa: E402
-from clover_core.checkpoint import WEIGHT_NAMES  # noqa: E402
-from clover_core.stream import ShardWriter  # noqa: E402
+from clover_core.io.safetensors_files import ShardWriter  # noqa: E402
+from clover_core.io.weights import WEIGHT_NAMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each child reports its own high-water RSS (VmHWM) as it exits: the kernel's rusage of a child also
 # counts the parent's pages at fork time (Linux folds the pre-exec memory into ru_maxrss).
 REPORT = "print('VmHWM_KiB', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
-FLOOR = ("import clover_core, clover_core.__main__, clover_core.stream as s, sys, pathlib, torch\n"
-         "s._skeleton(pathlib.Path(sys.argv[1]), torch.float32)\n" + REPORT)
-CLI = ("import runpy, sys\nsys.argv = ['clover_core', *sys.argv[1:]]\ntry:\n"
-       "    runpy.run_module('clover_core', run_name='__main__', alter_sys=True)\nfinally:\n    " + REPORT)
+FLOOR = (
+    "import clover_core, clover_core.__main__, clover_core.io.stream as s, sys, pathlib, torch\n"
+    "s._skeleton(pathlib.Path(sys.argv[1]), torch.float32)\n" + REPORT
+)
+CLI = (
+    "import runpy, sys\nsys.argv = ['clover_core', *sys.argv[1:]]\ntry:\n"
+    "    runpy.run_module('clover_core', run_name='__main__', alter_sys=True)\nfinally:\n    " + REPORT
+)
 # The baseline: the same command with streaming off (load_model, prune, save_pruned: the model whole).
-IN_MEMORY = ("import sys\nimport clover_core.__main__ as cli\ncli.streamable = lambda name: None\ntry:\n"
-             "    cli.main(sys.argv[1:])\nfinally:\n    " + REPORT)
+IN_MEMORY = (
+    "import sys\nimport clover_core.__main__ as cli\ncli.streamable = lambda name: None\ntry:\n"
+    "    cli.main(sys.argv[1:])\nfinally:\n    " + REPORT
+)
 
 
 def write_checkpoint(name: str, folder: Path, shard_bytes: int) -> tuple[int, int, int, int]:
@@ -76,8 +82,12 @@ def write_checkpoint(name: str, folder: Path, shard_bytes: int) -> tuple[int, in
         writer.add({key: t})
     writer.close()
     shards = list(folder.glob("*.safetensors"))
-    return (sum(p.stat().st_size for p in shards), max(p.stat().st_size for p in shards), layer_bytes(state, diffusers),
-            len(keys))
+    return (
+        sum(p.stat().st_size for p in shards),
+        max(p.stat().st_size for p in shards),
+        layer_bytes(state, diffusers),
+        len(keys),
+    )
 
 
 def layer_bytes(state: dict[str, torch.Tensor], diffusers: bool) -> int:
@@ -99,8 +109,13 @@ def layer_bytes(state: dict[str, torch.Tensor], diffusers: bool) -> int:
 def peak_rss(code: str, *argv: str) -> tuple[int, float, str]:
     """Run ``python -c code argv...``; its peak RSS in bytes (as it reports it), wall seconds, output."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{out}")
@@ -120,8 +135,10 @@ def spectra_peaks(work: Path, total: int, baseline: bool) -> None:
 def print_baseline(streamed_peak: int, *argv: str) -> None:
     """The same command with streaming off (the model loaded whole): its peak against the streamed one."""
     base, seconds, _ = peak_rss(IN_MEMORY, *argv)
-    print(f"  baseline, loaded whole: peak RSS {gib(base)} in {seconds:.0f} s -> streamed / loaded whole "
-          f"= {streamed_peak / base:.3f}")
+    print(
+        f"  baseline, loaded whole: peak RSS {gib(base)} in {seconds:.0f} s -> streamed / loaded whole "
+        f"= {streamed_peak / base:.3f}"
+    )
 
 
 def check_disk(folder: Path, need: int) -> None:
@@ -136,13 +153,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="gpt2-xl", choices=["gpt2-xl", "gpt2-small", "sdxl-unet"])
     parser.add_argument("--shard-size", default="1GB", help="input shard size (default 1GB)")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (default: the temp dir)")
-    parser.add_argument("--prune", default="--ratio 0.5 --mode global --target qk",
-                        help="pruning arguments passed to python -m clover_core prune")
+    parser.add_argument(
+        "--prune",
+        default="--ratio 0.5 --mode global --target qk",
+        help="pruning arguments passed to python -m clover_core prune",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints written")
-    parser.add_argument("--baseline", action="store_true", help="also run the same command with streaming off "
-                        "(the model loaded whole: needs about twice its size in memory) and compare")
-    parser.add_argument("--spectra", action="store_true", help="also run python -m clover_core spectra on the "
-                        "checkpoint (streamed, and loaded whole with --baseline)")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run the same command with streaming off "
+        "(the model loaded whole: needs about twice its size in memory) and compare",
+    )
+    parser.add_argument(
+        "--spectra",
+        action="store_true",
+        help="also run python -m clover_core spectra on the checkpoint (streamed, and loaded whole with --baseline)",
+    )
     args = parser.parse_args(argv)
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -152,26 +179,32 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="clover-stream-", dir=args.dir))
     try:
         start = time.perf_counter()
-        total, largest, layer, n_tensors = write_checkpoint(args.model, work / "src",
-                                                            convert_file_size_to_int(args.shard_size))
-        print(f"checkpoint: {args.model}, {gib(total)} in shards of <= {args.shard_size} (largest {gib(largest)}), "
-              f"written in {time.perf_counter() - start:.0f} s; one layer = {gib(layer)}; {n_tensors} tensors")
+        total, largest, layer, n_tensors = write_checkpoint(
+            args.model, work / "src", convert_file_size_to_int(args.shard_size)
+        )
+        print(
+            f"checkpoint: {args.model}, {gib(total)} in shards of <= {args.shard_size} (largest {gib(largest)}), "
+            f"written in {time.perf_counter() - start:.0f} s; one layer = {gib(layer)}; {n_tensors} tensors"
+        )
         floor, _, _ = peak_rss(FLOOR, str(work / "src"))
-        peak, seconds, out = peak_rss(CLI, "prune", "--model", str(work / "src"), "--out", str(work / "pruned"),
-                                      *args.prune.split())
+        peak, seconds, out = peak_rss(
+            CLI, "prune", "--model", str(work / "src"), "--out", str(work / "pruned"), *args.prune.split()
+        )
         print(next((line for line in out.splitlines() if line.strip().startswith("pruned:")), ""))
         written = sum(p.stat().st_size for p in (work / "pruned").glob("*.safetensors"))
         bound = largest + layer
         print(f"streaming prune ({args.prune}): {seconds:.0f} s, wrote {gib(written)}")
         print(f"  peak RSS                         {gib(peak)}")
         print(f"  peak RSS / checkpoint size       {peak / total:.3f}")
-        print(f"  largest shard + one layer        {gib(bound)}  -> peak RSS / that = {peak / bound:.2f} "
-              f"(target < 1)")
-        print(f"  interpreter floor (imports + meta skeleton, no weights): {gib(floor)}; "
-              f"peak above it: {gib(peak - floor)}")
+        print(f"  largest shard + one layer        {gib(bound)}  -> peak RSS / that = {peak / bound:.2f} (target < 1)")
+        print(
+            f"  interpreter floor (imports + meta skeleton, no weights): {gib(floor)}; "
+            f"peak above it: {gib(peak - floor)}"
+        )
         if args.baseline:
-            print_baseline(peak, "prune", "--model", str(work / "src"), "--out", str(work / "in-memory"),
-                           *args.prune.split())
+            print_baseline(
+                peak, "prune", "--model", str(work / "src"), "--out", str(work / "in-memory"), *args.prune.split()
+            )
         if args.spectra:
             spectra_peaks(work, total, args.baseline)
     finally:

@@ -12,10 +12,12 @@ Public API (re-exported here; no logic in this file)::
 """
 
 from . import finetune
-from .checkpoint import load_pruned, save_pruned
-from .decompose import Decomposition, decompose, orthogonalize, spectra
+from .decompose import Decomposition, decompose, spectra
+from .io.checkpoint import load_pruned, save_pruned
 from .models import ModelBundle, load_model
-from .prune import PruneConfig, Slider, plan, prune
+from .orthogonalize import orthogonalize
+from .prune import PruneConfig, plan, prune
+from .slider import Slider
 
 __all__ = [
     "Decomposition",

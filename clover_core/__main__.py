@@ -15,12 +15,16 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, metrics
+from . import metrics
+from .architectures import kind_of
 from .data import wikitext_ids
 from .decompose import decompose, spectra
-from .models import EMBEDDED, load_model
+from .io import checkpoint
+from .io.stream import stream_prune, stream_spectra, streamable
+from .io.weights import pipeline_component
+from .models import load_model
 from .prune import PruneConfig, prune
-from .stream import stream_prune, stream_spectra, streamable
+from .zoo import EMBEDDED
 
 DEFAULT_MODEL = "gpt2-tiny-random"
 DEMO_WINDOW = 512  # demo perplexity: windows of this many tokens (or the model's positions), half overlapping
@@ -29,19 +33,34 @@ USER_ERRORS = (ValueError, TypeError, NotImplementedError, ModuleNotFoundError, 
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"embedded offline name ({', '.join(EMBEDDED)}), a local model folder, or a "
-                        f"Hugging Face hub id such as openai-community/gpt2-xl (default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded offline name ({', '.join(EMBEDDED)}), a local model folder, or a "
+        f"Hugging Face hub id such as openai-community/gpt2-xl (default: {DEFAULT_MODEL})",
+    )
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="qk", choices=["qk", "vo", "both"],
-                   help="which pair of each head to prune: Q-K (shrinks keys), V-O (shrinks values) or both")
-    p.add_argument("--method", default="clover", choices=["clover", "vanilla"],
-                   help="clover: drop the weakest singular directions; vanilla: drop original head dims")
-    p.add_argument("--mode", default="uniform", choices=["uniform", "global", "threshold"],
-                   help="uniform: every head keeps round(head_dim*(1-ratio)); global: one threshold at the "
-                        "ratio-quantile of all heads' scores; threshold: drop singular values <= --threshold")
+    p.add_argument(
+        "--target",
+        default="qk",
+        choices=["qk", "vo", "both"],
+        help="which pair of each head to prune: Q-K (shrinks keys), V-O (shrinks values) or both",
+    )
+    p.add_argument(
+        "--method",
+        default="clover",
+        choices=["clover", "vanilla"],
+        help="clover: drop the weakest singular directions; vanilla: drop original head dims",
+    )
+    p.add_argument(
+        "--mode",
+        default="uniform",
+        choices=["uniform", "global", "threshold"],
+        help="uniform: every head keeps round(head_dim*(1-ratio)); global: one threshold at the "
+        "ratio-quantile of all heads' scores; threshold: drop singular values <= --threshold",
+    )
     p.add_argument("--ratio", type=float, default=None, help="fraction of directions removed, in [0, 1)")
     p.add_argument("--threshold", type=float, default=None, help="absolute singular-value threshold (mode threshold)")
 
@@ -50,18 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per job."""
     parser = argparse.ArgumentParser(prog="python -m clover_core", description="CLOVER attention-head pruning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sp = sub.add_parser("spectra", help="write every head's Q-K and V-O singular values as JSON; a model folder "
-                        "(or a hub id cached locally) is read one attention module at a time, as prune streams it")
+    sp = sub.add_parser(
+        "spectra",
+        help="write every head's Q-K and V-O singular values as JSON; a model folder "
+        "(or a hub id cached locally) is read one attention module at a time, as prune streams it",
+    )
     _model_arg(sp)
     sp.add_argument("--out", required=True, help="JSON file to write")
-    pp = sub.add_parser("prune", help="prune a model and save it as a safetensors checkpoint folder; a model "
-                        "folder of safetensors weights (sharded or not; a diffusers pipeline: its unet/), or a hub "
-                        "id whose snapshot is in the local cache, is streamed module by module, never loaded whole")
+    pp = sub.add_parser(
+        "prune",
+        help="prune a model and save it as a safetensors checkpoint folder; a model "
+        "folder of safetensors weights (sharded or not; a diffusers pipeline: its unet/), or a hub "
+        "id whose snapshot is in the local cache, is streamed module by module, never loaded whole",
+    )
     _model_arg(pp)
     _prune_args(pp)
     pp.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
-    pp.add_argument("--dtype", choices=list(DTYPES), default=None, help="dtype of the saved weights "
-                    "(default: the model's)")
+    pp.add_argument(
+        "--dtype", choices=list(DTYPES), default=None, help="dtype of the saved weights (default: the model's)"
+    )
     dp = sub.add_parser("demo", help="spectra, then CLOVER and vanilla pruning, then a before/after comparison")
     _model_arg(dp)
     _prune_args(dp)
@@ -79,8 +105,9 @@ def cmd_spectra(args: argparse.Namespace) -> None:
 
 def _check_prune_args(args: argparse.Namespace) -> PruneConfig:
     """Validate the pruning request before any model is loaded, so bad input fails fast."""
-    return PruneConfig(ratio=args.ratio, target=args.target, method=args.method, mode=args.mode,
-                       threshold=args.threshold)
+    return PruneConfig(
+        ratio=args.ratio, target=args.target, method=args.method, mode=args.mode, threshold=args.threshold
+    )
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -88,20 +115,25 @@ def cmd_prune(args: argparse.Namespace) -> None:
     source = streamable(args.model)  # larger than memory, maybe
     if source is not None:
         hub_id = None if Path(args.model).is_dir() else args.model  # streamed from the local cache's snapshot
-        out, pruned = stream_prune(source, args.out, config, dtype=DTYPES[args.dtype] if args.dtype else None,
-                                   base_model=hub_id, progress=True)
+        out, pruned = stream_prune(
+            source, args.out, config, dtype=DTYPES[args.dtype] if args.dtype else None, base_model=hub_id, progress=True
+        )
         print(_size_line("pruned", pruned))
-        if source.name == "unet" and (source.parent / "model_index.json").is_file():
-            print(f"saved the pipeline's UNet to {out} (streamed module by module; its other components are "
-                  "unchanged: load the pipeline and pass it unet=, as the folder's README.md shows)")
+        if pipeline_component(source):
+            print(
+                f"saved the pipeline's UNet to {out} (streamed module by module; its other components are "
+                "unchanged: load the pipeline and pass it unet=, as the folder's README.md shows)"
+            )
         else:
             print(f"saved to {out} (streamed module by module)")
         return
     bundle = load_model(args.model)
-    pruned = prune(bundle.model, ratio=args.ratio, target=args.target, method=args.method,
-                   mode=args.mode, threshold=args.threshold)
-    out = checkpoint.save_pruned(pruned, args.out, processor=bundle.processor,
-                                 dtype=DTYPES[args.dtype] if args.dtype else None)
+    pruned = prune(
+        bundle.model, ratio=args.ratio, target=args.target, method=args.method, mode=args.mode, threshold=args.threshold
+    )
+    out = checkpoint.save_pruned(
+        pruned, args.out, processor=bundle.processor, dtype=DTYPES[args.dtype] if args.dtype else None
+    )
     print(_size_line("pruned", pruned))
     print(f"saved to {out}")
 
@@ -111,12 +143,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
         args.ratio = 0.5
     _check_prune_args(args)
     bundle = load_model(args.model)
-    from .session import model_kind
-
-    kind = model_kind(bundle.model, bundle.processor)
+    kind = kind_of(bundle.model, bundle.processor)
     if kind != "lm":
-        raise ValueError(f"model={args.model!r} is a {kind} model; demo scores WikiText-2 perplexity, which needs a "
-                         "language model: use spectra or prune for it")
+        raise ValueError(
+            f"model={args.model!r} is a {kind} model; demo scores WikiText-2 perplexity, which needs a "
+            "language model: use spectra or prune for it"
+        )
     start = time.perf_counter()
     dec = decompose(bundle.model, progress=True)
     print(f"decomposed {len(dec.modules)} attention modules in {time.perf_counter() - start:.2f}s")
@@ -126,11 +158,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     ids = wikitext_ids(bundle.processor, args.tokens)
     rows = [("original", bundle.model)]
     for method in ("vanilla", "clover"):
-        rows.append((method, prune(dec, ratio=args.ratio, target=args.target, method=method,
-                                   mode=args.mode, threshold=args.threshold)))
+        rows.append(
+            (
+                method,
+                prune(
+                    dec, ratio=args.ratio, target=args.target, method=method, mode=args.mode, threshold=args.threshold
+                ),
+            )
+        )
     window = min(DEMO_WINDOW, metrics.position_limit(bundle.model) or DEMO_WINDOW)
-    print(f"\n{args.target} pruning, mode {args.mode}, ratio {args.ratio}, threshold {args.threshold}; "
-          f"perplexity on {ids.numel()} WikiText-2 test tokens (windows of {window}, stride {window // 2})")
+    print(
+        f"\n{args.target} pruning, mode {args.mode}, ratio {args.ratio}, threshold {args.threshold}; "
+        f"perplexity on {ids.numel()} WikiText-2 test tokens (windows of {window}, stride {window // 2})"
+    )
     for label, model in rows:
         ppl = metrics.perplexity(model, ids, window=window, stride=window // 2, progress=False)
         print(f"{_size_line(label, model)}  perplexity {ppl:10.2f}")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import package_dir
+from .zoo.packages import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,10 @@ def load_audio(path_or_array, sr: int | None = None, *, max_seconds: float = MAX
     mono = _downmix(samples, where)
     seconds = len(mono) / sr
     if seconds > max_seconds:
-        raise ValueError(f"{where} lasts {seconds:.1f} s, longer than the cap max_seconds={max_seconds:g} s; "
-                         "trim it or raise max_seconds")
+        raise ValueError(
+            f"{where} lasts {seconds:.1f} s, longer than the cap max_seconds={max_seconds:g} s; "
+            "trim it or raise max_seconds"
+        )
     if not np.all(np.isfinite(mono)):
         raise ValueError(f"{where} contains NaN or infinite samples")
     if sr != SAMPLE_RATE:
@@ -75,8 +77,10 @@ def _read_file(path: Path, max_seconds: float) -> tuple[np.ndarray, int]:
     try:
         info = sf.info(str(path))
         if info.frames > max_seconds * info.samplerate:  # refuse before decoding a long file
-            raise ValueError(f"{path} lasts {info.frames / info.samplerate:.1f} s, longer than the cap "
-                             f"max_seconds={max_seconds:g} s; trim it or raise max_seconds")
+            raise ValueError(
+                f"{path} lasts {info.frames / info.samplerate:.1f} s, longer than the cap "
+                f"max_seconds={max_seconds:g} s; trim it or raise max_seconds"
+            )
         samples, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise ValueError(f"{path} is not an audio file soundfile can read ({e}); use WAV, FLAC, OGG or MP3") from None
@@ -97,8 +101,10 @@ def _as_float(array) -> np.ndarray:
 
 def _downmix(samples: np.ndarray, where: str) -> np.ndarray:
     if samples.ndim == 2 and samples.shape[1] > samples.shape[0]:
-        raise ValueError(f"{where} has shape {samples.shape}: read as (samples, channels) that is "
-                         f"{samples.shape[1]} channels; pass array.T if it is (channels, samples)")
+        raise ValueError(
+            f"{where} has shape {samples.shape}: read as (samples, channels) that is "
+            f"{samples.shape[1]} channels; pass array.T if it is (channels, samples)"
+        )
     if samples.ndim not in (1, 2):
         raise ValueError(f"{where} has shape {samples.shape}; expected (samples,) or (samples, channels)")
     mono = samples.mean(axis=1) if samples.ndim == 2 else samples
@@ -150,8 +156,16 @@ def _suppress_processor(model: nn.Module):
 
 
 @torch.no_grad()
-def transcribe(model: nn.Module, processor, audio, *, sr: int | None = None, max_new_tokens: int = 200,
-               language: str | None = None, task: str | None = None) -> str:
+def transcribe(
+    model: nn.Module,
+    processor,
+    audio,
+    *,
+    sr: int | None = None,
+    max_new_tokens: int = 200,
+    language: str | None = None,
+    task: str | None = None,
+) -> str:
     """Greedy transcription of one clip by a ``WhisperForConditionalGeneration``.
 
     Args:
@@ -173,8 +187,14 @@ def transcribe(model: nn.Module, processor, audio, *, sr: int | None = None, max
     param = next(model.parameters())
     kwargs = {k: v for k, v in (("language", language), ("task", task)) if v is not None}
     if long_form:
-        inputs = processor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt", truncation=False,
-                           padding="longest", return_attention_mask=True)
+        inputs = processor(
+            samples,
+            sampling_rate=SAMPLE_RATE,
+            return_tensors="pt",
+            truncation=False,
+            padding="longest",
+            return_attention_mask=True,
+        )
         kwargs.update(attention_mask=inputs.attention_mask.to(param.device), return_timestamps=True)
     else:
         inputs = processor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")

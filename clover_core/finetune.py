@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -36,25 +36,31 @@ from typing import Literal, get_args
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.func import functional_call
 from torch.nn.utils import parametrize
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
-from transformers.models.llama.modeling_llama import LlamaMLP
-from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer, WhisperEncoderLayer
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import Adapter, attention_modules
-from .adapters.base import split_heads
-from .checkpoint import umask_modes, unreadable
-from .decompose import orthogonalize
+from . import architectures
+from .architectures import Adapter, attention_modules
+from .io.publish import umask_modes
+from .io.weights import unreadable
+from .trainable import (
+    Core,
+    FactorView,
+    Fixed,
+    Rewrite,
+    Writes,
+    add_writes,
+    block_view,
+    layout,
+    qr_basis,
+    svd_basis,
+    write_once,
+)
 
 log = logging.getLogger(__name__)
 
 Target = Literal["qk", "vo", "both"]
 ADAPTER_FORMAT = "clover-studio-ft/1"
-# The MLP up-projection of each supported block: treated as heads of ``mlp_block`` output features.
-UP_PROJECTIONS: dict[type[nn.Module], str] = {LlamaMLP: "up_proj", GPT2MLP: "c_fc",
-                                              WhisperEncoderLayer: "fc1", WhisperDecoderLayer: "fc1"}
 
 
 @dataclass(frozen=True)
@@ -82,162 +88,6 @@ class FinetuneConfig:
         return ("qk", "vo") if self.target == "both" else (self.target,)
 
 
-class Core(nn.Module):
-    """One trainable ``k x k`` matrix per head: the factor is ``basis @ (weight * mask)``.
-
-    ``basis`` ``(G, m, k)`` has orthonormal columns (zero where a direction is dead: pruned away or
-    non-existent); ``mask`` keeps the dead rows and columns of ``weight`` at zero.
-    """
-
-    def __init__(self, basis: torch.Tensor, init: torch.Tensor, live: torch.Tensor):
-        super().__init__()
-        mask = live[:, :, None] & live[:, None, :]  # (G, k, k)
-        self.register_buffer("basis", basis * live[:, None, :].to(basis.dtype), persistent=False)
-        self.register_buffer("mask", mask.to(basis.dtype), persistent=False)
-        self.weight = nn.Parameter(init * self.mask)
-
-    def forward(self) -> torch.Tensor:
-        return self.basis @ (self.weight * self.mask)  # (G, m, k)
-
-    @property
-    def live_parameters(self) -> int:
-        """Entries of ``weight`` that can change the model (the dead ones are masked)."""
-        return int(self.mask.sum().item())
-
-
-class Rewrite(nn.Module):
-    """Parametrization of one tensor: the entries at ``pos`` come from trainable cores' factors."""
-
-    def __init__(self, writes: list[tuple[Core, torch.Tensor, torch.Tensor]]):
-        super().__init__()
-        self.cores = nn.ModuleList(core for core, _, _ in writes)
-        for i, (_, pos, src) in enumerate(writes):
-            self.register_buffer(f"pos{i}", pos, persistent=False)  # flat indices into the tensor
-            self.register_buffer(f"src{i}", src, persistent=False)  # flat indices into the core's factor
-
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        flat = original.flatten()
-        for i, core in enumerate(self.cores):
-            values = core().flatten().index_select(0, getattr(self, f"src{i}"))
-            flat = flat.scatter(0, getattr(self, f"pos{i}"), values.to(flat.dtype))
-        return flat.view_as(original)
-
-
-FactorView = Callable[[nn.Module], tuple[torch.Tensor, ...]]  # module -> (G, m, k) factors, by re-indexing only
-Place = list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]  # (owner, parameter name, pos, src)
-Writes = dict[tuple[nn.Module, str], list[tuple[Core, torch.Tensor, torch.Tensor]]]
-Fixed = list[tuple[Place, torch.Tensor]]  # frozen factors to store once, when every check has passed
-
-
-class _View(nn.Module):  # lets functional_call substitute the parameters a view reads
-    def __init__(self, module: nn.Module, view: FactorView):
-        super().__init__()
-        self.inner, self.view = module, view
-
-    def forward(self) -> tuple[torch.Tensor, ...]:
-        return self.view(self.inner)
-
-
-def layout(module: nn.Module, view: FactorView) -> list[Place]:
-    """Where each entry of each factor of ``view(module)`` is stored among ``module``'s parameters.
-
-    The view runs once on parameters that hold their own unique ids (float64, exact), which traces any
-    re-indexing an adapter does (splits, permutes, stacked groups) without knowing the architecture.
-
-    Returns:
-        Per factor, ``(owner, parameter name, pos, src)`` tuples: flattened factor entry ``src`` is
-        flattened parameter entry ``pos``. Constant zeros (a missing bias row) belong to no parameter.
-
-    Raises:
-        ValueError: a parameter entry appears twice in a factor (the view is not a re-indexing).
-    """
-    named = list(module.named_parameters())
-    ids, offset = {}, 1
-    for name, p in named:
-        ids[f"inner.{name}"] = torch.arange(offset, offset + p.numel(), dtype=torch.float64, device=p.device).view(p.shape)
-        offset += p.numel()
-    with torch.no_grad():
-        factors = functional_call(_View(module, view), ids, ())
-    return [_places(module, named, factor.flatten().long()) for factor in factors]
-
-
-def _places(module: nn.Module, named: list[tuple[str, nn.Parameter]], traced: torch.Tensor) -> Place:
-    found, offset = [], 1
-    for name, p in named:
-        src = ((traced >= offset) & (traced < offset + p.numel())).nonzero().squeeze(1)
-        if src.numel():
-            pos = traced[src] - offset
-            seen = torch.zeros(p.numel(), dtype=torch.bool, device=pos.device)
-            seen[pos] = True
-            if int(seen.sum()) != pos.numel():
-                raise ValueError(f"{type(module).__name__}.{name} appears twice in one factor; cannot write it back")
-            owner, _, pname = f".{name}".rpartition(".")
-            found.append((module.get_submodule(owner[1:]), pname, pos, src))
-        offset += p.numel()
-    return found
-
-
-def _write_once(places: Place, factor: torch.Tensor) -> None:
-    """Store ``factor`` in the parameters at ``places`` (no gradient)."""
-    flat = factor.flatten()
-    with torch.no_grad():
-        for owner, pname, pos, src in places:
-            param = getattr(owner, pname)
-            param.view(-1)[pos] = flat[src].to(param.dtype)
-
-
-def _add_writes(writes: Writes, places: Place, core: Core) -> None:
-    for owner, pname, pos, src in places:
-        writes.setdefault((owner, pname), []).append((core, pos, src))
-
-
-# --------------------------------------------------------------------------- bases
-
-
-def svd_basis(a: torch.Tensor, b: torch.Tensor, live: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """Orthonormal singular bases of a pair with canonical signs (the largest entry of each ``U_a``
-    column positive), so the same weights give the same basis on every device.
-
-    Returns:
-        ``(u_a (G, m, k), u_b (G, n, k), s (G, k), live (G, k) bool)``.
-    """
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    a_rot, b_rot, s = orthogonalize(a.to(work), b.to(work), dtype=work)  # a_rot = U_a sqrt(S)
-    root = s.sqrt()[:, None, :]
-    alive = s > 0 if live is None else live & (s > 0)
-    u_a = torch.where(root > 0, a_rot / root.clamp_min(torch.finfo(work).tiny), 0.0)
-    u_b = torch.where(root > 0, b_rot / root.clamp_min(torch.finfo(work).tiny), 0.0)
-    pivot = u_a.abs().argmax(dim=1, keepdim=True)  # (G, 1, k)
-    sign = torch.where(u_a.gather(1, pivot) < 0, -1.0, 1.0).to(work)
-    return (u_a * sign).to(a.dtype), (u_b * sign).to(b.dtype), s.to(a.dtype), alive
-
-
-def qr_basis(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a = Q R`` per group with ``diag(R) >= 0`` (the unique QR of a full-rank factor).
-
-    Raises:
-        ValueError: fewer rows than columns (the block is wider than its input).
-    """
-    g, m, k = a.shape
-    if m < k:
-        raise ValueError(f"a block of {k} features on {m} input rows has no square R; use a smaller mlp_block")
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    q, r = torch.linalg.qr(a.to(work))  # (G, m, k), (G, k, k)
-    sign = torch.where(torch.diagonal(r, dim1=1, dim2=2) < 0, -1.0, 1.0).to(work)  # (G, k)
-    return (q * sign[:, None, :]).to(a.dtype), (r * sign[:, :, None]).to(a.dtype)
-
-
-def block_view(groups: int) -> FactorView:
-    """A projection layer -> ``(groups, in + 1, out / groups)``: its output features cut into blocks,
-    bias folded in as the last input row (``nn.Linear`` stores ``W.T``, GPT-2's ``Conv1D`` ``W``)."""
-
-    def view(layer: nn.Module) -> torch.Tensor:
-        weight = layer.weight.T if isinstance(layer, nn.Linear) else layer.weight  # (in, out)
-        return split_heads(weight, layer.bias, groups)
-
-    return view
-
-
 # --------------------------------------------------------------------------- preparing
 
 
@@ -249,8 +99,9 @@ def _live_from_ranks(module: nn.Module, pair: str, width: int, device: torch.dev
     return torch.arange(width, device=device)[None] < torch.tensor(ranks, device=device)[:, None]  # (G, k)
 
 
-def _attention_cores(module: nn.Module, adapter: Adapter, pairs: list[str], writes: Writes,
-                     fixed: Fixed) -> dict[str, Core]:
+def _attention_cores(
+    module: nn.Module, adapter: Adapter, pairs: list[str], writes: Writes, fixed: Fixed
+) -> dict[str, Core]:
     """Q-K / V-O of one attention module: ``a = U_a T`` (T trainable), ``b = U_b`` (frozen)."""
     places = layout(module, lambda m: tuple(f for p in pairs for f in adapter.factors(m)[p]))
     cores = {}
@@ -261,7 +112,7 @@ def _attention_cores(module: nn.Module, adapter: Adapter, pairs: list[str], writ
             u_a, u_b, s, live = svd_basis(a, b, _live_from_ranks(module, pair, a.shape[2], a.device))
             fixed.append((places[2 * i + 1], u_b * live[:, None, :].to(u_b.dtype)))
             cores[pair] = Core(u_a, torch.diag_embed(s), live)
-            _add_writes(writes, places[2 * i], cores[pair])
+            add_writes(writes, places[2 * i], cores[pair])
     return cores
 
 
@@ -270,7 +121,7 @@ def _block_core(layer: nn.Module, view: FactorView, writes: Writes) -> Core:
     with torch.no_grad():
         q, r = qr_basis(view(layer))
     core = Core(q, r, torch.ones(r.shape[:2], dtype=torch.bool, device=r.device))
-    _add_writes(writes, layout(layer, lambda m: (view(m),))[0], core)
+    add_writes(writes, layout(layer, lambda m: (view(m),))[0], core)
     return core
 
 
@@ -278,8 +129,9 @@ def _key_core(name: str, module: nn.Module, writes: Writes) -> Core:
     """The Key-side variant for rotary attention: one QR block per KV head of ``k_proj``."""
     proj, head_dim = getattr(module, "k_proj", None), getattr(module, "head_dim", None)
     if not isinstance(proj, nn.Linear) or not isinstance(head_dim, int):
-        raise NotImplementedError(f"{name} ({type(module).__name__}) has no Q-K pair and no k_proj to train "
-                                  "instead; use target='vo'")
+        raise NotImplementedError(
+            f"{name} ({type(module).__name__}) has no Q-K pair and no k_proj to train instead; use target='vo'"
+        )
     return _block_core(proj, block_view(proj.out_features // head_dim), writes)
 
 
@@ -289,10 +141,15 @@ def up_projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Raises:
         NotImplementedError: the model has none that CLOVER-FT knows.
     """
-    found = [(f"{name}.{attr}", getattr(m, attr)) for name, m in model.named_modules()
-             for cls, attr in UP_PROJECTIONS.items() if isinstance(m, cls)]
+    blocks = architectures.up_projections()  # MLP block class -> its up-projection, over every family
+    found = [
+        (f"{name}.{attr}", getattr(m, attr))
+        for name, m in model.named_modules()
+        for cls, attr in blocks.items()
+        if isinstance(m, cls)
+    ]
     if not found:
-        known = ", ".join(cls.__name__ for cls in UP_PROJECTIONS)
+        known = ", ".join(cls.__name__ for cls in blocks)
         raise NotImplementedError(f"mlp=True: {type(model).__name__} has no known MLP block ({known}); use mlp=False")
     return found
 
@@ -300,8 +157,10 @@ def up_projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _check_float(name: str, module: nn.Module) -> None:
     for pname, p in module.named_parameters():
         if not p.is_floating_point():
-            raise TypeError(f"{name}.{pname} has dtype {p.dtype}; CLOVER-FT needs floating-point weights "
-                            "(dequantize the model first)")
+            raise TypeError(
+                f"{name}.{pname} has dtype {p.dtype}; CLOVER-FT needs floating-point weights "
+                "(dequantize the model first)"
+            )
 
 
 def prepare(model: nn.Module, target: Target = "both", *, mlp: bool = False, mlp_block: int = 64) -> CloverFT:
@@ -325,8 +184,10 @@ def prepare(model: nn.Module, target: Target = "both", *, mlp: bool = False, mlp
     """
     config = FinetuneConfig(target, mlp, mlp_block)
     if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise ValueError("this model already has parametrizations (is it prepared already?); merge() it first "
-                         "or pass the original model")
+        raise ValueError(
+            "this model already has parametrizations (is it prepared already?); merge() it first "
+            "or pass the original model"
+        )
     found = attention_modules(model)
     ups = up_projections(model) if config.mlp else []
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -343,7 +204,7 @@ def prepare(model: nn.Module, target: Target = "both", *, mlp: bool = False, mlp
         _check_float(name, layer)
         cores[f"{name}.up"] = _block_core(layer, block_view(_out_features(name, layer, config.mlp_block)), writes)
     for places, factor in fixed:
-        _write_once(places, factor)
+        write_once(places, factor)
     model.requires_grad_(False)
     for (owner, pname), entries in writes.items():
         parametrize.register_parametrization(owner, pname, Rewrite(entries))
@@ -365,8 +226,7 @@ def _out_features(name: str, layer: nn.Module, block: int) -> int:
 class CloverFT:
     """A model prepared for CLOVER fine-tuning (see :func:`prepare`); train ``ft.model`` as usual."""
 
-    def __init__(self, model: nn.Module, cores: dict[str, Core], config: FinetuneConfig,
-                 flags: dict[str, bool]):
+    def __init__(self, model: nn.Module, cores: dict[str, Core], config: FinetuneConfig, flags: dict[str, bool]):
         self.model, self.cores, self.config = model, cores, config
         self._flags, self.merged = flags, False
 
@@ -458,8 +318,10 @@ class CloverFT:
         if meta.get("format") != ADAPTER_FORMAT:
             raise ValueError(f"{path} is not a CLOVER-FT adapter (format {meta.get('format')!r})")
         if json.loads(meta["config"]) != self.config.__dict__:
-            raise ValueError(f"{path} was saved with {meta['config']}; prepare() this model with the same "
-                             f"settings (it has {json.dumps(self.config.__dict__)})")
+            raise ValueError(
+                f"{path} was saved with {meta['config']}; prepare() this model with the same "
+                f"settings (it has {json.dumps(self.config.__dict__)})"
+            )
         device = next(iter(self.cores.values())).weight.device
         tensors = load_file(os.fspath(path), device=str(device))
         expected = {f"{n}.{kind}" for n in self.cores for kind in ("weight", "probe")}
@@ -474,15 +336,20 @@ class CloverFT:
 
     def _check_open(self) -> None:
         if self.merged:
-            raise RuntimeError("this CloverFT was merged; use the model merge() returned (prepare() it again "
-                               "to fine-tune further)")
+            raise RuntimeError(
+                "this CloverFT was merged; use the model merge() returned (prepare() it again to fine-tune further)"
+            )
 
 
 def _check_probe(name: str, core: Core, probe: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.shape != core.weight.shape:
-        raise ValueError(f"adapter matrix {name} has shape {tuple(weight.shape)}, this model {tuple(core.weight.shape)}")
+        raise ValueError(
+            f"adapter matrix {name} has shape {tuple(weight.shape)}, this model {tuple(core.weight.shape)}"
+        )
     m = core.basis.shape[1]
     tol = m**0.5 * max(1e-4, 4 * torch.finfo(core.basis.dtype).eps)
     if not torch.allclose(probe, core.basis.sum(dim=1).float(), atol=tol, rtol=0):
-        raise ValueError(f"adapter matrix {name} was trained on other base weights (its frozen basis differs); "
-                         "load it into a model prepared from the same base model")
+        raise ValueError(
+            f"adapter matrix {name} was trained on other base weights (its frozen basis differs); "
+            "load it into a model prepared from the same base model"
+        )

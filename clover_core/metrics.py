@@ -17,12 +17,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures import unpruned_kv_width
+
 # --------------------------------------------------------------------------- language models
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, input_ids: torch.Tensor, *, window: int = 1024, stride: int = 512,
-               max_tokens: int | None = None, progress: bool = True) -> float:
+def perplexity(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    window: int = 1024,
+    stride: int = 512,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> float:
     """Sliding-window perplexity of a causal LM (the protocol of the transformers guide and the paper).
 
     Each window of ``window`` tokens starts ``stride`` after the previous one; only tokens not scored
@@ -119,8 +128,9 @@ def normalize_transcript(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def word_error_rate(references: Sequence[str] | str, hypotheses: Sequence[str] | str, *,
-                    normalize: bool = True) -> float:
+def word_error_rate(
+    references: Sequence[str] | str, hypotheses: Sequence[str] | str, *, normalize: bool = True
+) -> float:
     """Corpus word error rate (jiwer): total edits over total reference words.
 
     Raises:
@@ -146,8 +156,9 @@ def word_error_rate(references: Sequence[str] | str, hypotheses: Sequence[str] |
 
 
 @torch.no_grad()
-def teacher_forced_loss(model: nn.Module, input_features: torch.Tensor, labels: torch.Tensor,
-                        decoder_input_ids: torch.Tensor | None = None) -> float:
+def teacher_forced_loss(
+    model: nn.Module, input_features: torch.Tensor, labels: torch.Tensor, decoder_input_ids: torch.Tensor | None = None
+) -> float:
     """Mean token cross-entropy (nats) of a reference transcript under a seq2seq model, teacher-forced.
 
     Args:
@@ -163,15 +174,21 @@ def teacher_forced_loss(model: nn.Module, input_features: torch.Tensor, labels: 
     if not (labels != -100).any():
         raise ValueError("labels hold no scored token (all -100)")
     if decoder_input_ids is not None and decoder_input_ids.shape != labels.shape:
-        raise ValueError(f"decoder_input_ids {tuple(decoder_input_ids.shape)} and labels {tuple(labels.shape)} "
-                         "must have the same shape")
+        raise ValueError(
+            f"decoder_input_ids {tuple(decoder_input_ids.shape)} and labels {tuple(labels.shape)} "
+            "must have the same shape"
+        )
     device = _device(model)
     dtype = next(model.parameters()).dtype
-    kwargs = {"labels": labels.to(device)} if decoder_input_ids is None else {
-        "decoder_input_ids": decoder_input_ids.to(device)}
+    kwargs = (
+        {"labels": labels.to(device)}
+        if decoder_input_ids is None
+        else {"decoder_input_ids": decoder_input_ids.to(device)}
+    )
     logits = model(input_features=input_features.to(device, dtype), **kwargs).logits.float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(device).reshape(-1),
-                           ignore_index=-100).item()
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.to(device).reshape(-1), ignore_index=-100
+    ).item()
 
 
 # --------------------------------------------------------------------------- images
@@ -205,8 +222,9 @@ def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
     return g / g.sum()
 
 
-def ssim(reference: torch.Tensor, image: torch.Tensor, *, data_range: float = 1.0,
-         window: int = 11, sigma: float = 1.5) -> float:
+def ssim(
+    reference: torch.Tensor, image: torch.Tensor, *, data_range: float = 1.0, window: int = 11, sigma: float = 1.5
+) -> float:
     """Structural similarity (Wang et al. 2004: Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03),
     averaged over channels and the valid region; 1.0 for identical images.
 
@@ -254,8 +272,9 @@ def kv_cache_bytes_per_token(model: nn.Module) -> int:
     """Bytes one generated token adds to the KV cache (true ranks, not padding), in the model's dtype.
 
     Pruned models sum the K + V widths their attention modules record; unpruned ones use the
-    config: GPT-2 ``2 * n_layer * n_embd``, Llama ``2 * layers * kv_heads * head_dim``, Whisper
-    (decoder self-attention) ``2 * decoder_layers * d_model``. Models that cache nothing (a UNet) give 0.
+    width their family declares from the config (:func:`~clover_core.architectures.unpruned_kv_width`:
+    GPT-2 ``2 * n_layer * n_embd``, Llama ``2 * layers * kv_heads * head_dim``, Whisper's decoder
+    self-attention ``2 * decoder_layers * d_model``). Models that cache nothing (a UNet) give 0.
     """
     element = next(model.parameters()).element_size()
     widths = [m.kv_width for m in model.modules() if hasattr(m, "kv_width")]
@@ -264,15 +283,4 @@ def kv_cache_bytes_per_token(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if config is None or isinstance(config, dict):
         return 0
-    kind = getattr(config, "model_type", "")
-    if kind == "gpt2":
-        return 2 * config.n_layer * config.n_embd * element
-    if kind == "whisper":
-        return 2 * config.decoder_layers * config.d_model * element
-    layers = getattr(config, "num_hidden_layers", None)
-    heads = getattr(config, "num_attention_heads", None)
-    if layers is None or heads is None:
-        return 0
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * layers * kv_heads * head_dim * element
+    return (unpruned_kv_width(config) or 0) * element

@@ -1,4 +1,5 @@
-"""Ratio or threshold -> kept directions per head; CLOVER and vanilla scoring; physical rebuilding.
+"""Ratio or threshold -> kept directions per head (the plan); CLOVER and vanilla scoring; the pruned
+modules built physically smaller (the slider, :mod:`.slider`, re-points them in place instead).
 
 CLOVER keeps the top singular directions of each head's orthogonalized pair (the best rank-r
 approximation of the head's product); vanilla keeps the original head dimensions with the largest
@@ -20,18 +21,16 @@ import torch
 from torch import nn
 from transformers.initialization import no_init_weights
 
-from .adapters import Adapter
-from .adapters.base import set_attributes
-from .attention import padded_width
-from .decompose import PAIRS, Decomposition, FactorStack, ModuleDecomposition, decompose
-from .model_card import origin
+from .architectures import Adapter, padded_width
+from .architectures.base import set_attributes
+from .decompose import PAIRS, Decomposition, ModuleDecomposition, decompose
+from .record import pruning_meta, record
 
 log = logging.getLogger(__name__)
 
 Target = Literal["qk", "vo", "both"]
 Method = Literal["clover", "vanilla"]
 Mode = Literal["uniform", "global", "threshold"]
-FORMAT = "clover-studio/1"
 
 
 @dataclass(frozen=True)
@@ -61,12 +60,20 @@ class PruneConfig:
                 raise ValueError(f"threshold={self.threshold!r} must be >= 0")
         else:
             if self.threshold is not None:
-                raise ValueError(f"threshold={self.threshold!r} is only used with mode='threshold' "
-                                 f"(mode is {self.mode!r}); pass ratio= instead")
+                raise ValueError(
+                    f"threshold={self.threshold!r} is only used with mode='threshold' "
+                    f"(mode is {self.mode!r}); pass ratio= instead"
+                )
+            if self.ratio is None:
+                raise ValueError(
+                    f"ratio is required with mode={self.mode!r}: pass the fraction of directions to "
+                    "remove, e.g. ratio=0.5 (or mode='threshold' with threshold=)"
+                )
             _check_number("ratio", self.ratio, "a fraction in [0, 1), e.g. 0.5")
             if not 0.0 <= self.ratio < 1.0:
-                raise ValueError(f"ratio={self.ratio!r} is out of range; it must be in [0, 1) "
-                                 "(the fraction of directions removed)")
+                raise ValueError(
+                    f"ratio={self.ratio!r} is out of range; it must be in [0, 1) (the fraction of directions removed)"
+                )
 
     @property
     def pairs(self) -> tuple[str, ...]:
@@ -110,9 +117,11 @@ def check_pairs(dec: Decomposition, config: PruneConfig) -> None:
     """Raise ValueError when ``config`` targets a pair the model does not have (Q-K of a rotary model)."""
     for pair in config.pairs:
         if pair not in dec.pair_types:
-            raise ValueError(f"target={config.target!r} includes {pair!r}, which this model does not have: "
-                             "rotary position embeddings (Llama family) sit between W_q and W_k, so the Q-K "
-                             "product is not a fixed matrix and cannot be orthogonalized; use target='vo'")
+            raise ValueError(
+                f"target={config.target!r} includes {pair!r}, which this model does not have: "
+                "rotary position embeddings (Llama family) sit between W_q and W_k, so the Q-K "
+                "product is not a fixed matrix and cannot be orthogonalized; use target='vo'"
+            )
 
 
 def _keep(scores: dict[str, torch.Tensor], config: PruneConfig, order: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -133,9 +142,16 @@ def _top_r(scores: torch.Tensor, r: int) -> torch.Tensor:
     return kept
 
 
-def prune(model_or_dec: nn.Module | Decomposition, ratio: float | None = None, target: Target = "qk",
-          method: Method = "clover", mode: Mode = "uniform", threshold: float | None = None, *,
-          share_weights: bool = False) -> nn.Module:
+def prune(
+    model_or_dec: nn.Module | Decomposition,
+    ratio: float | None = None,
+    target: Target = "qk",
+    method: Method = "clover",
+    mode: Mode = "uniform",
+    threshold: float | None = None,
+    *,
+    share_weights: bool = False,
+) -> nn.Module:
     """A new, physically smaller model; the input model is left untouched.
 
     Args:
@@ -160,14 +176,16 @@ def prune(model_or_dec: nn.Module | Decomposition, ratio: float | None = None, t
         The pruned model; ``model.config.clover`` records the method and every head's kept rank.
 
     Raises:
-        ValueError: an argument outside what is allowed (the message names it).
+        ValueError: an argument outside what is allowed, or ``ratio`` missing in modes ``uniform`` and
+            ``global`` (the message names it).
         NotImplementedError: the model has no supported attention module.
     """
-    if ratio is None and mode != "threshold":
-        ratio = 0.0
     config = PruneConfig(ratio=ratio, target=target, method=method, mode=mode, threshold=threshold)
-    dec = (model_or_dec if isinstance(model_or_dec, Decomposition)
-           else decompose(_as_model(model_or_dec), rank_major=share_weights))
+    dec = (
+        model_or_dec
+        if isinstance(model_or_dec, Decomposition)
+        else decompose(_as_model(model_or_dec), rank_major=share_weights)
+    )
     return build(dec, plan(dec, config), config, share_weights=share_weights)
 
 
@@ -183,14 +201,15 @@ def build(dec: Decomposition, masks: Plan, config: PruneConfig, *, share_weights
     model = dec.model
     if share_weights:
         dec.use_rank_major()  # the kept CLOVER weights become slices of the factors
-    new = _copy_outside_attention(dec, share=share_weights)
+    new = copy_outside_attention(dec, share=share_weights)
     ranks: dict[str, dict[str, list[int]]] = {}
     with torch.no_grad():
         for name, md in dec.modules.items():
             originals = functools.partial(dec.original, name) if share_weights else None
-            module = prune_module(model.get_submodule(name), md, masks[name], config.method, share=share_weights,
-                                  originals=originals)
-            _adopt_config(module, model, new)
+            module = prune_module(
+                model.get_submodule(name), md, masks[name], config.method, share=share_weights, originals=originals
+            )
+            adopt_config(module, model, new)
             set_submodule(new, name, module)
             ranks[name] = module.clover_ranks
     record(new, pruning_meta(model, config, ranks))
@@ -198,7 +217,7 @@ def build(dec: Decomposition, masks: Plan, config: PruneConfig, *, share_weights
     return new
 
 
-def _copy_outside_attention(dec: Decomposition, *, share: bool) -> nn.Module:
+def copy_outside_attention(dec: Decomposition, *, share: bool) -> nn.Module:
     """A copy of ``dec.model`` without its attention modules (the caller puts pruned ones in their place);
     ``share`` reuses every parameter and buffer instead of copying it."""
     model = dec.model
@@ -208,185 +227,22 @@ def _copy_outside_attention(dec: Decomposition, *, share: bool) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-class Slider:
-    """Re-prune one decomposed model at any ratio in milliseconds: what an interactive ratio slider needs.
-
-    Every call returns the SAME model object, re-pointed to the new ranks: no SVD, no copy of the
-    model and, for CLOVER at a uniform ratio, no copy of any weight. The slider's attention modules
-    lay their projections out rank-major, as the decomposition then stores its rotated factors
-    (``cc.decompose(model, rank_major=True)`` writes them so; any other decomposition is converted by
-    :meth:`~clover_core.Decomposition.use_rank_major`, once, a copy of every factor), so keeping
-    each head's best ``r`` directions is a slice of them (a view). Ragged per-head ranks (``global`` and
-    ``threshold`` modes) zero each head's columns from its rank up to its layer's width on the narrower
-    side of the pair only (which keeps every product exact), in one buffer per stack of equal-shaped
-    modules (made on first use, a copy of that side of the stack's factors): a move copies back (or
-    zeroes) only the columns whose zeroing changed, and modules whose kept columns did not change are
-    left as they are.
-    Weights outside the attention modules are the original model's; pairs left whole (and vanilla's
-    original columns) come from a rank-major copy of the original factors, made on first use and shared
-    by every slider of the same decomposition. Its kept columns equal those of :func:`prune` with the
-    same arguments, and so do all its weights once saved (:func:`~clover_core.save_pruned` zeroes both
-    sides' padding).
-
-    Read-only, like ``prune(..., share_weights=True)``: evaluate, generate, save; a model returned
-    earlier changes with the next call (use :func:`prune` for an independent model).
-
-    Example::
-
-        dec = cc.decompose(model, rank_major=True)
-        slider = cc.Slider(dec)               # method="clover" (or "vanilla")
-        for ratio in (0.25, 0.5, 0.75):
-            pruned = slider(ratio, target="qk")
-    """
-
-    def __init__(self, dec: Decomposition, method: Method = "clover"):
-        if not isinstance(dec, Decomposition):
-            raise TypeError(f"Slider needs a Decomposition (cc.decompose(model)), got {type(dec).__name__}")
-        PruneConfig(ratio=0.0, method=method)  # validates the method
-        dec.use_rank_major()
-        self.dec, self.method = dec, method
-        self.model = _copy_outside_attention(dec, share=True)  # attention modules built on first use
-        self._modules: dict[str, tuple[nn.Module, dict[str, int]]] = {}
-        self._ragged: dict[int, _RaggedStack] = {}  # per FactorStack, made on first use
-        self._loaded: dict[str, tuple[dict, dict]] = {}  # module -> (factors it holds, its ranks)
-        self._base = origin(dec.model, pruning_record(dec.model))
-
-    def __call__(self, ratio: float | None = None, target: Target = "qk", mode: Mode = "uniform",
-                 threshold: float | None = None) -> nn.Module:
-        """The model pruned to ``ratio`` (or ``threshold``); arguments as in :func:`prune`.
-
-        Raises:
-            ValueError: an argument outside what is allowed (the message names it).
-        """
-        if ratio is None and mode != "threshold":
-            ratio = 0.0
-        config = PruneConfig(ratio=ratio, target=target, method=self.method, mode=mode, threshold=threshold)
-        if self.method == "clover" and mode == "uniform":
-            masks = _first_r(self.dec, config)
-        else:
-            masks = plan(self.dec, config)
-        ranks: dict[str, dict[str, list[int]]] = {}
-        with torch.no_grad():
-            ragged = self._ragged_columns(masks, config) if self.method == "clover" and mode != "uniform" else {}
-            for name, md in self.dec.modules.items():
-                selected, ranks[name] = select_pairs(md, masks[name], self.method,
-                                                     functools.partial(self.dec.original, name), ragged.get(name))
-                held = self._loaded.get(name)
-                current = held is not None and _same_tensors(held[0], selected)  # the views it holds
-                if current and held[1] == ranks[name]:
-                    continue  # its heads kept their ranks
-                module, per_direction = self._module(name, md)
-                if not current:  # (a buffer updated in place at the same width needs no re-pointing)
-                    md.adapter.load_factors(module, selected, share=True)
-                attach_ranks(module, md.adapter, ranks[name], per_direction)
-                self._loaded[name] = selected, ranks[name]
-        record(self.model, pruning_meta(self.dec.model, config, ranks, base=self._base))
-        return self.model
-
-    def _ragged_columns(self, masks: Plan, config: PruneConfig) -> dict[str, Prepared]:
-        """CLOVER's kept columns at ragged ranks, ``{module: {pair: (factors, ranks)}}``, for every stack
-        whose heads all keep their leading (best) columns: views of the stack's buffers, updated in place
-        in a few operations for all its modules at once. Other pairs (ties in the spectra) are left to
-        :func:`select_columns`."""
-        prepared: dict[str, Prepared] = {}
-        for stack in self.dec.stacks:
-            if stack.pair not in config.pairs:
-                continue
-            kept = torch.stack([masks[name][stack.pair] for name in stack.names])  # (L, G, k)
-            ranks = kept.sum(dim=-1)  # (L, G)
-            if not _leading(kept, ranks, stack.s):
-                continue
-            if id(stack) not in self._ragged:
-                self._ragged[id(stack)] = _RaggedStack(stack)
-            for name, columns in self._ragged[id(stack)].update(ranks).items():
-                prepared.setdefault(name, {})[stack.pair] = columns
-        return prepared
-
-    def _module(self, name: str, md: ModuleDecomposition) -> tuple[nn.Module, dict[str, int]]:
-        """The slider's attention module ``name`` (built on first use) and its parameters per direction."""
-        held = self._modules.get(name)
-        if held is None:
-            original = self.dec.model.get_submodule(name)
-            with no_init_weights():
-                module = md.adapter.pruned(original, {}, share=True).train(original.training)
-            _adopt_config(module, self.dec.model, self.model)
-            set_submodule(self.model, name, module)
-            held = self._modules[name] = module, md.adapter.params_per_direction(module)
-        return held
-
-
-class _RaggedStack:
-    """A :class:`FactorStack`'s factors with every head's columns past its rank zeroed on one side of
-    the pair, up to its layer's width, kept up to date in place; its modules' kept columns are views.
-
-    Zeroing one side is enough: a direction whose column is zero on either side adds nothing, whatever
-    the other side holds, so every head's product is exact. The zeroed side is the narrower one (its rows
-    are what a move copies); the other side is a view of the stack's factors, never written. Only the
-    columns a module reads are kept exact: below each head's rank, the factor's; from there up to its
-    layer's width (the largest rank), zeros; past the width, whatever was there (left as the factor's).
-    So a move rewrites only columns whose zeroing changed, not every column a rank crossed."""
-
-    def __init__(self, stack: FactorStack):
-        self.stack = stack
-        narrow_a = stack.a.shape[-1] <= stack.b.shape[-1]  # a (L, k, G, m), b (L, k, G, n)
-        self.source = stack.a if narrow_a else stack.b
-        self.buffer = self.source.clone()  # every rank full: nothing zeroed
-        self.factors = (self.buffer, stack.b) if narrow_a else (stack.a, self.buffer)
-        layers, groups, k = stack.s.shape
-        self.ranks = torch.full((layers, groups), k, dtype=torch.long, device=stack.s.device)  # (L, G)
-        self.zero = self.zeroed(self.ranks)  # the rows zeroed now (none)
-        self.views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (module, width) -> views
-
-    def zeroed(self, ranks: torch.Tensor) -> torch.Tensor:
-        """Which rows ``(l, j, g)`` of the stack are zero at ``ranks`` (``(L, G)``): from each head's rank
-        up to its layer's width (:func:`padded_width`), flattened like the stack's rows."""
-        column = torch.arange(self.buffer.shape[1], device=ranks.device)[None, :, None]  # (1, k, 1)
-        width = ranks.amax(dim=1).clamp_min(1)[:, None, None]  # (L, 1, 1)
-        return ((column >= ranks[:, None, :]) & (column < width)).flatten()
-
-    def update(self, ranks: torch.Tensor) -> dict[str, tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]:
-        """Set every head's rank (``(L, G)``): only rows whose zeroing changed are written, one gather and
-        one fill for the whole stack. Returns each module's kept columns, padded to its width (views made
-        once per module and width), and its ranks."""
-        after = self.zeroed(ranks)
-        copy, zero = (self.zero & ~after).nonzero().squeeze(1), (after & ~self.zero).nonzero().squeeze(1)
-        rows, source = self.buffer.flatten(0, 2), self.source.flatten(0, 2)
-        rows.index_copy_(0, copy, source.index_select(0, copy))
-        rows.index_fill_(0, zero, 0)
-        self.ranks, self.zero = ranks, after
-        views = {}
-        for layer, (name, heads) in enumerate(zip(self.stack.names, ranks.tolist())):
-            width = padded_width(heads)
-            kept = self.views.get((name, width))
-            if kept is None:
-                kept = self.views[name, width] = tuple(t[layer].permute(1, 2, 0)[..., :width] for t in self.factors)
-            views[name] = kept, heads
-        return views
-
-
-def _same_tensors(held: dict[str, tuple[torch.Tensor, ...]], new: dict[str, tuple[torch.Tensor, ...]]) -> bool:
-    return held.keys() == new.keys() and all(x is y for p in new for x, y in zip(held[p], new[p]))
-
-
-def _adopt_config(module: nn.Module, original: nn.Module, new: nn.Module) -> None:
+def adopt_config(module: nn.Module, original: nn.Module, new: nn.Module) -> None:
     """A rebuilt module that read its settings (e.g. the attention implementation) from the original
     model's config reads them from the new model's, like every module the copy made."""
     if getattr(module, "config", None) is getattr(original, "config", None) is not None:
         module.config = new.config
 
 
-def pruning_meta(model: nn.Module, config: PruneConfig, ranks: dict[str, dict[str, list[int]]], *,
-                 base: dict | None = None) -> dict:
-    """The ``clover`` record of ``model`` pruned by ``config`` to ``ranks``, with the base model and
-    its sizes before pruning (for the model card; ``base`` when already computed for ``model``)."""
-    base = origin(model, pruning_record(model)) if base is None else base
-    return {"format": FORMAT, "method": config.method, "mode": config.mode, "target": config.target,
-            "ratio": config.ratio, "threshold": config.threshold, "ranks": ranks, **base}
-
-
-def prune_module(original: nn.Module, md: ModuleDecomposition, masks: dict[str, torch.Tensor],
-                 method: str, *, share: bool = False,
-                 originals: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
+def prune_module(
+    original: nn.Module,
+    md: ModuleDecomposition,
+    masks: dict[str, torch.Tensor],
+    method: str,
+    *,
+    share: bool = False,
+    originals: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> nn.Module:
     """One attention module rebuilt smaller: the directions ``masks`` keeps, per pair (no SVD).
 
     Args:
@@ -413,9 +269,13 @@ Selection = int | torch.Tensor  # a kept mask (G, head_dim), or r: every head ke
 Prepared = dict[str, tuple[tuple[torch.Tensor, torch.Tensor], list[int]]]  # pair -> (kept factors, ranks)
 
 
-def select_pairs(md: ModuleDecomposition, masks: dict[str, Selection], method: str,
-                 originals: Callable[[str], tuple[torch.Tensor, torch.Tensor]], prepared: Prepared | None = None
-                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[int]]]:
+def select_pairs(
+    md: ModuleDecomposition,
+    masks: dict[str, Selection],
+    method: str,
+    originals: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
+    prepared: Prepared | None = None,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[int]]]:
     """The kept, zero-padded columns of every pair of one module, and each head's rank (no SVD).
 
     Args:
@@ -450,16 +310,14 @@ def select_pairs(md: ModuleDecomposition, masks: dict[str, Selection], method: s
     return selected, ranks
 
 
-def _first_r(dec: Decomposition, config: PruneConfig) -> dict[str, dict[str, Selection]]:
-    """:func:`plan` for CLOVER at a uniform ratio, without masks: the sorted spectra make every head's
-    top ``r`` its first ``r`` columns (the same ``r`` as ``plan``)."""
-    check_pairs(dec, config)
-    return {name: {pair: round(md.pairs[pair].s.shape[1] * (1 - config.ratio)) for pair in config.pairs}
-            for name, md in dec.modules.items()}
-
-
-def build_module(template: nn.Module, adapter: Adapter, selected: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 ranks: dict[str, list[int]], *, share: bool = False) -> nn.Module:
+def build_module(
+    template: nn.Module,
+    adapter: Adapter,
+    selected: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    ranks: dict[str, list[int]],
+    *,
+    share: bool = False,
+) -> nn.Module:
     """A pruned module like ``template`` holding the ``selected`` factors, with ``ranks`` attached;
     ``share`` builds the rank-major layout, whose weights are views of the factors (see :func:`prune`)."""
     with no_init_weights():  # every weight is written by load_factors: skip the random initialization
@@ -469,8 +327,9 @@ def build_module(template: nn.Module, adapter: Adapter, selected: dict[str, tupl
     return module.train(template.training)
 
 
-def select_columns(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor,
-                   kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_columns(
+    a: torch.Tensor, b: torch.Tensor, score: torch.Tensor, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather each group's kept columns (best first), zero-padded to a common width.
 
     Args:
@@ -486,14 +345,16 @@ def select_columns(a: torch.Tensor, b: torch.Tensor, score: torch.Tensor,
         return a, b
     ranks = kept.sum(dim=1)  # (G,)
     width = padded_width(ranks.tolist())
-    if _leading(kept, ranks, score):
+    if keeps_leading(kept, ranks, score):
         return zero_padding(a[..., :width], b[..., :width], ranks)  # (G, m, w), (G, n, w)
     order = torch.argsort(score.masked_fill(~kept, -math.inf), dim=1, descending=True, stable=True)[:, :width]
     idx = order.to(a.device)[:, None, :]  # (G, 1, w)
     return zero_padding(a.gather(2, idx.expand(-1, a.shape[1], -1)), b.gather(2, idx.expand(-1, b.shape[1], -1)), ranks)
 
 
-def zero_padding(a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def zero_padding(
+    a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor | list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``a`` ``(G, m, w)`` and ``b`` ``(G, n, w)`` with each group's columns past ``ranks[g]`` zeroed on
     both sides (new tensors), or the very same tensors when every group keeps all ``w``."""
     ranks = torch.as_tensor(ranks, device=a.device)
@@ -503,15 +364,16 @@ def zero_padding(a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor | list[in
     return a * live, b * live
 
 
-def _leading(kept: torch.Tensor, ranks: torch.Tensor, score: torch.Tensor) -> bool:
+def keeps_leading(kept: torch.Tensor, ranks: torch.Tensor, score: torch.Tensor) -> bool:
     """Whether each group keeps exactly its first ``ranks[..., g]`` columns and they are ordered best
     first (``kept``/``score`` ``(..., G, k)``, ``ranks`` ``(..., G)``)."""
     first = torch.arange(kept.shape[-1], device=kept.device) < ranks[..., None]  # (..., G, k)
     return bool(torch.equal(kept, first) and (score[..., :-1] >= score[..., 1:]).all())
 
 
-def attach_ranks(module: nn.Module, adapter: Adapter, ranks: dict[str, list[int]],
-                 per_direction: dict[str, int] | None = None) -> None:
+def attach_ranks(
+    module: nn.Module, adapter: Adapter, ranks: dict[str, list[int]], per_direction: dict[str, int] | None = None
+) -> None:
     """Record true per-head ranks on a pruned module, with the padding and KV width they imply
     (``per_direction``: the adapter's ``params_per_direction(module)``, when known)."""
     per_direction = per_direction or adapter.params_per_direction(module)
@@ -520,21 +382,6 @@ def attach_ranks(module: nn.Module, adapter: Adapter, ranks: dict[str, list[int]
     kv = adapter.kv_width(module, ranks)
     if kv is not None:
         set_attributes(module, kv_width=kv[0], kv_width_allocated=kv[1])
-
-
-def record(model: nn.Module, meta: dict) -> None:
-    """Store the pruning record in the model's config (diffusers configs are frozen: registered)."""
-    if hasattr(model, "register_to_config"):
-        model.register_to_config(clover=meta)
-    else:
-        model.config.clover = meta
-
-
-def pruning_record(model: nn.Module) -> dict | None:
-    """The ``clover`` entry of a pruned model's config, or None for a model that was not pruned."""
-    config = getattr(model, "config", None)
-    meta = config.get("clover") if isinstance(config, dict) else getattr(config, "clover", None)
-    return meta if isinstance(meta, dict) else None
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -17,8 +17,10 @@ from sweep import cc, metrics, paper_ratios, pick_device, ratio_figure, sweep, w
 from clover_core.data import heldout_shakespeare, wikitext_ids
 
 # Figure 1c of the paper (GPT-2 XL, Q-K, global): removed directions per head (of 64) -> perplexity
-PAPER = {"vanilla": [14.78, 20.70, 39.64, 60.92, 73.02, 102.9, 160.9, 452.7, 513.5],
-         "clover": [14.78, 14.80, 15.21, 15.74, 17.60, 19.90, 33.04, 61.07, 100.9]}
+PAPER = {
+    "vanilla": [14.78, 20.70, 39.64, 60.92, 73.02, 102.9, 160.9, 452.7, 513.5],
+    "clover": [14.78, 14.80, 15.21, 15.74, 17.60, 19.90, 33.04, 61.07, 100.9],
+}
 
 
 def main() -> None:
@@ -40,15 +42,23 @@ def main() -> None:
         data["heldout_shakespeare"] = ids[:limit]
 
     def evaluate(m):
-        return {f"ppl_{k}": metrics.perplexity(m, ids, window=window, stride=window // 2, progress=False)
-                for k, ids in data.items()}
+        return {
+            f"ppl_{k}": metrics.perplexity(m, ids, window=window, stride=window // 2, progress=False)
+            for k, ids in data.items()
+        }
 
     dec = cc.decompose(model, progress=True)
     rows = sweep(dec, evaluate, ratios=paper_ratios(), targets=args.targets.split(","), label=args.model)
     name = args.name or f"gpt2_perplexity_{args.model.split('/')[-1]}"
-    meta = {"model": args.model, "device": str(device), "window": window, "stride": window // 2,
-            "tokens": {k: int(v.numel()) for k, v in data.items()}, "mode": "global",
-            "command": f"python demos/fig_gpt2_perplexity.py --model {args.model} --tokens {args.tokens}"}
+    meta = {
+        "model": args.model,
+        "device": str(device),
+        "window": window,
+        "stride": window // 2,
+        "tokens": {k: int(v.numel()) for k, v in data.items()},
+        "mode": "global",
+        "command": f"python demos/fig_gpt2_perplexity.py --model {args.model} --tokens {args.tokens}",
+    }
     panels = [(f"ppl_{k}", f"perplexity, {k}") for k in data]
     fig = ratio_figure(rows, panels, f"{args.model}: perplexity vs global pruning ratio, CLOVER vs vanilla")
     write(name, rows, fig, meta)
@@ -61,8 +71,10 @@ def _compare_with_paper(rows: list[dict]) -> None:
     print(f"{'k/64':>6} {'vanilla':>9} {'paper':>9} {'CLOVER':>9} {'paper':>9}")
     for i, ratio in enumerate(paper_ratios()):
         got = {r["method"]: r["ppl_wikitext2"] for r in rows if r["target"] == "qk" and abs(r["ratio"] - ratio) < 1e-6}
-        print(f"{round(ratio * 64):>6} {got['vanilla']:>9.2f} {PAPER['vanilla'][i]:>9.2f} "
-              f"{got['clover']:>9.2f} {PAPER['clover'][i]:>9.2f}")
+        print(
+            f"{round(ratio * 64):>6} {got['vanilla']:>9.2f} {PAPER['vanilla'][i]:>9.2f} "
+            f"{got['clover']:>9.2f} {PAPER['clover'][i]:>9.2f}"
+        )
 
 
 if __name__ == "__main__":

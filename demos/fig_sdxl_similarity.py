@@ -14,7 +14,7 @@ import argparse
 from sweep import cc, pick_device, ratio_figure, sweep, write
 
 from clover_core.metrics import psnr, ssim
-from clover_core.random_models import generate_image, with_unet
+from clover_core.zoo.random_models import generate_image, with_unet
 
 PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dawn")
 
@@ -35,20 +35,34 @@ def main() -> None:
     dec = cc.decompose(pipe.unet, progress=True)
 
     def evaluate(unet):
-        images = [generate_image(with_unet(pipe, unet), q, seed=args.seed, steps=args.steps, size=args.size)
-                  for q in PROMPTS]
-        return {"psnr_db": sum(psnr(r, i) for r, i in zip(reference, images)) / len(images),
-                "ssim": sum(ssim(r, i) for r, i in zip(reference, images)) / len(images)}
+        images = [
+            generate_image(with_unet(pipe, unet), q, seed=args.seed, steps=args.steps, size=args.size) for q in PROMPTS
+        ]
+        return {
+            "psnr_db": sum(psnr(r, i) for r, i in zip(reference, images)) / len(images),
+            "ssim": sum(ssim(r, i) for r, i in zip(reference, images)) / len(images),
+        }
 
-    rows = sweep(dec, evaluate, ratios=[float(r) for r in args.ratios.split(",")], targets=["qk", "vo"],
-                 label=args.model)
+    rows = sweep(
+        dec, evaluate, ratios=[float(r) for r in args.ratios.split(",")], targets=["qk", "vo"], label=args.model
+    )
     for r in rows:  # identical images have infinite PSNR; cap it for the plot and the CSV
         r["psnr_db"] = min(r["psnr_db"], 100.0)
-    fig = ratio_figure(rows, [("psnr_db", "PSNR vs unpruned (dB)"), ("ssim", "SSIM vs unpruned")],
-                       f"{args.model}: image similarity to the unpruned UNet vs global pruning ratio", log_y=False)
-    meta = {"model": args.model, "device": str(device), "steps": args.steps, "seed": args.seed,
-            "prompts": list(PROMPTS), "psnr_cap_db": 100.0,
-            "command": f"python demos/fig_sdxl_similarity.py --model {args.model} --steps {args.steps}"}
+    fig = ratio_figure(
+        rows,
+        [("psnr_db", "PSNR vs unpruned (dB)"), ("ssim", "SSIM vs unpruned")],
+        f"{args.model}: image similarity to the unpruned UNet vs global pruning ratio",
+        log_y=False,
+    )
+    meta = {
+        "model": args.model,
+        "device": str(device),
+        "steps": args.steps,
+        "seed": args.seed,
+        "prompts": list(PROMPTS),
+        "psnr_cap_db": 100.0,
+        "command": f"python demos/fig_sdxl_similarity.py --model {args.model} --steps {args.steps}",
+    }
     write(f"sdxl_similarity_{args.model.split('/')[-1]}", rows, fig, meta)
 
 

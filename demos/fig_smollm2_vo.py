@@ -31,17 +31,33 @@ def main() -> None:
     ids = wikitext_ids(bundle.processor, args.tokens or None)
 
     def evaluate(m):
-        return {"ppl_wikitext2": metrics.perplexity(m, ids, window=args.window, stride=args.window // 2,
-                                                    progress=False)}
+        return {
+            "ppl_wikitext2": metrics.perplexity(m, ids, window=args.window, stride=args.window // 2, progress=False)
+        }
 
     dec = cc.decompose(model, progress=True)
-    rows = sweep(dec, evaluate, ratios=[float(r) for r in args.ratios.split(",")], targets=["vo"],
-                 mode=args.mode, label=args.model)
-    fig = ratio_figure(rows, [("ppl_wikitext2", "perplexity, WikiText-2")],
-                       f"{args.model}: V-O pruning ({args.mode}), perplexity vs ratio, CLOVER vs vanilla")
-    meta = {"model": args.model, "device": str(device), "tokens": int(ids.numel()), "window": args.window,
-            "stride": args.window // 2, "mode": args.mode,
-            "command": f"python demos/fig_smollm2_vo.py --tokens {args.tokens} --window {args.window} --mode {args.mode}"}
+    rows = sweep(
+        dec,
+        evaluate,
+        ratios=[float(r) for r in args.ratios.split(",")],
+        targets=["vo"],
+        mode=args.mode,
+        label=args.model,
+    )
+    fig = ratio_figure(
+        rows,
+        [("ppl_wikitext2", "perplexity, WikiText-2")],
+        f"{args.model}: V-O pruning ({args.mode}), perplexity vs ratio, CLOVER vs vanilla",
+    )
+    meta = {
+        "model": args.model,
+        "device": str(device),
+        "tokens": int(ids.numel()),
+        "window": args.window,
+        "stride": args.window // 2,
+        "mode": args.mode,
+        "command": f"python demos/fig_smollm2_vo.py --tokens {args.tokens} --window {args.window} --mode {args.mode}",
+    }
     write(f"smollm2_vo_perplexity_{args.mode}", rows, fig, meta)
 
 

@@ -61,18 +61,27 @@ def main() -> None:
         def evaluate(m, processor=processor, refs=refs, lang=lang):
             hyps = [transcribe(m, processor, path, **lang) for path, _ in clips.values()]
             loss = sum(teacher_forced_loss(m, f, y, decoder_input_ids=x) for f, x, y in refs) / len(refs)
-            return {"wer": word_error_rate([t for _, t in clips.values()], hyps), "loss": loss,
-                    "transcript_0": hyps[0]}
+            return {"wer": word_error_rate([t for _, t in clips.values()], hyps), "loss": loss, "transcript_0": hyps[0]}
 
         dec = cc.decompose(model, progress=True)
-        rows += sweep(dec, evaluate, ratios=[float(r) for r in args.ratios.split(",")], targets=["qk", "vo"],
-                      label=name)
+        rows += sweep(
+            dec, evaluate, ratios=[float(r) for r in args.ratios.split(",")], targets=["qk", "vo"], label=name
+        )
     for name in args.models.split(","):
         mine = [r for r in rows if r["model"] == name]
-        fig = ratio_figure(mine, [("wer", "word error rate"), ("loss", "teacher-forced loss (nats/token)")],
-                           f"{name}: WER and loss on {len(clips)} clips vs global pruning ratio", log_y=False)
-        meta = {"model": name, "device": str(device), "clips": {k: t for k, (_, t) in clips.items()},
-                "decoding": "greedy", "command": f"python demos/fig_whisper.py --models {name}"}
+        fig = ratio_figure(
+            mine,
+            [("wer", "word error rate"), ("loss", "teacher-forced loss (nats/token)")],
+            f"{name}: WER and loss on {len(clips)} clips vs global pruning ratio",
+            log_y=False,
+        )
+        meta = {
+            "model": name,
+            "device": str(device),
+            "clips": {k: t for k, (_, t) in clips.items()},
+            "decoding": "greedy",
+            "command": f"python demos/fig_whisper.py --models {name}",
+        }
         write(f"whisper_{name.split('/')[-1]}", mine, fig, meta)
 
 

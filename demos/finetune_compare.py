@@ -112,8 +112,14 @@ def prepare(run: Run, base: torch.nn.Module, args, budget: int | None):
     names = lora_targets(model, args.target, args.mlp)
     r = lora_rank(model, names, budget)
     gpt2 = not hasattr(model.config, "num_key_value_heads")
-    config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=names, fan_in_fan_out=gpt2,
-                        init_lora_weights="pissa" if run.method == "pissa" else True)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        lora_dropout=0.0,
+        target_modules=names,
+        fan_in_fan_out=gpt2,
+        init_lora_weights="pissa" if run.method == "pissa" else True,
+    )
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     return peft_model, params, peft_model.merge_and_unload, sum(p.numel() for p in params)
@@ -125,7 +131,8 @@ def train(model, params, lr: float, data: list[torch.Tensor], device: torch.devi
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, len(data) // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (len(data) - s) / max(1, len(data) - warmup))))
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (len(data) - s) / max(1, len(data) - warmup)))
+    )
     losses = []
     model.eval()
     for x in data:
@@ -147,8 +154,19 @@ def ppl(model, ids: torch.Tensor, seq: int) -> float:
 # --------------------------------------------------------------------------- the comparison
 
 
-SETTINGS = ("model", "steps", "batch", "seq", "val_tokens", "test_tokens", "target", "mlp", "seed", "prune_ratio",
-            "prune_mode")
+SETTINGS = (
+    "model",
+    "steps",
+    "batch",
+    "seq",
+    "val_tokens",
+    "test_tokens",
+    "target",
+    "mlp",
+    "seed",
+    "prune_ratio",
+    "prune_mode",
+)
 BASELINES = {"adapt": ("original",), "recover": ("clover-pruned", "vanilla-pruned")}
 
 
@@ -201,8 +219,9 @@ def execute(todo: list[Run], args, runlog: RunLog) -> None:
     if any(run.experiment == "recover" for run in todo):
         dec = cc.decompose(base)
         for method in ("clover", "vanilla"):
-            bases[f"{method}-pruned"] = cc.prune(dec, ratio=args.prune_ratio, target="vo", method=method,
-                                                mode=args.prune_mode)
+            bases[f"{method}-pruned"] = cc.prune(
+                dec, ratio=args.prune_ratio, target="vo", method=method, mode=args.prune_mode
+            )
         del dec
     budgets = {"adapt": "original", "recover": "clover-pruned"}
     budgets = {e: clover_budget(bases[b], args) for e, b in budgets.items() if b in bases}
@@ -211,14 +230,22 @@ def execute(todo: list[Run], args, runlog: RunLog) -> None:
         start = time.perf_counter()
         if run.method == "none":
             m = bases[run.base]
-            row = dict(trainable=0, params=metrics.parameter_count(m), val_ppl=ppl(m, ids["val"], args.seq),
-                       test_ppl=ppl(m, ids["test"], args.seq), loss_first=None, loss_last=None)
+            row = dict(
+                trainable=0,
+                params=metrics.parameter_count(m),
+                val_ppl=ppl(m, ids["val"], args.seq),
+                test_ppl=ppl(m, ids["test"], args.seq),
+                loss_first=None,
+                loss_last=None,
+            )
         else:
             row = one_run(run, bases[run.base], args, data, ids, device, budgets[run.experiment])
         row["seconds"] = round(time.perf_counter() - start, 1)
         runlog.add(run, row, info)
-        log(f"[{i}/{len(todo)}] {run.base:>15} {LABELS[run.method]:>13} lr {run.lr:.0e}: trainable {row['trainable']:,}, "
-            f"val {row['val_ppl']:.3f}, test {row['test_ppl']:.3f} ({row['seconds']:.0f}s)")
+        log(
+            f"[{i}/{len(todo)}] {run.base:>15} {LABELS[run.method]:>13} lr {run.lr:.0e}: trainable {row['trainable']:,}, "
+            f"val {row['val_ppl']:.3f}, test {row['test_ppl']:.3f} ({row['seconds']:.0f}s)"
+        )
 
 
 def compare(args) -> tuple[list[dict], dict]:
@@ -232,20 +259,23 @@ def compare(args) -> tuple[list[dict], dict]:
     log(f"{len(runs) - len(todo)} of {len(runs)} runs found in {runlog.path.name}; training {len(todo)}")
     if todo:
         execute(todo, args, runlog)
-    rows = [dict(experiment=r.experiment, base=r.base, method=r.method, lr=r.lr, **runlog.done[r]["row"])
-            for r in runs]
+    rows = [dict(experiment=r.experiment, base=r.base, method=r.method, lr=r.lr, **runlog.done[r]["row"]) for r in runs]
     for key in {(r["experiment"], r["base"], r["method"]) for r in rows}:
         group = [r for r in rows if (r["experiment"], r["base"], r["method"]) == key]
         best = min(group, key=lambda r: r["val_ppl"])
         for r in group:
             r["selected"] = r is best
     info = runlog.done[runs[0]]["info"]
-    meta = dict(settings, **info, seconds_this_invocation=round(time.perf_counter() - began),
-                seconds_all_runs=round(sum(r["seconds"] for r in rows)),
-                command="python demos/finetune_compare.py " + " ".join(sys.argv[1:]),
-                protocol="train Books I-VIII, select each method's lr on Book IX (val), score Book X (test); "
-                         f"non-overlapping windows of {args.seq} tokens; AdamW, no weight decay, 10% warm-up, "
-                         "linear decay, clip 1.0; every model merged before it is measured")
+    meta = dict(
+        settings,
+        **info,
+        seconds_this_invocation=round(time.perf_counter() - began),
+        seconds_all_runs=round(sum(r["seconds"] for r in rows)),
+        command="python demos/finetune_compare.py " + " ".join(sys.argv[1:]),
+        protocol="train Books I-VIII, select each method's lr on Book IX (val), score Book X (test); "
+        f"non-overlapping windows of {args.seq} tokens; AdamW, no weight decay, 10% warm-up, "
+        "linear decay, clip 1.0; every model merged before it is measured",
+    )
     return rows, meta
 
 
@@ -257,10 +287,14 @@ def one_run(run: Run, base, args, data, ids, device, budget: int) -> dict:
     merged.requires_grad_(False)
     tail = max(1, len(losses) // 10)
     diverged = not all(math.isfinite(x) for x in losses)
-    return dict(trainable=trainable, params=metrics.parameter_count(merged),
-                val_ppl=math.inf if diverged else ppl(merged, ids["val"], args.seq),  # never selected
-                test_ppl=math.inf if diverged else ppl(merged, ids["test"], args.seq),
-                loss_first=sum(losses[:tail]) / tail, loss_last=sum(losses[-tail:]) / tail)
+    return dict(
+        trainable=trainable,
+        params=metrics.parameter_count(merged),
+        val_ppl=math.inf if diverged else ppl(merged, ids["val"], args.seq),  # never selected
+        test_ppl=math.inf if diverged else ppl(merged, ids["test"], args.seq),
+        loss_first=sum(losses[:tail]) / tail,
+        loss_last=sum(losses[-tail:]) / tail,
+    )
 
 
 def log(message: str) -> None:
@@ -274,22 +308,44 @@ def figure(rows: list[dict], title: str, pruning: str):
     """Test perplexity of each selected run (adaptation, recovery) and the validation sweep."""
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, column_widths=[0.34, 0.38, 0.28],
-                        subplot_titles=["adaptation: test perplexity (Book X)",
-                                        f"recovery after {pruning}: test perplexity",
-                                        "learning-rate sweep: validation perplexity (Book IX)"])
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        horizontal_spacing=0.08,
+        column_widths=[0.34, 0.38, 0.28],
+        subplot_titles=[
+            "adaptation: test perplexity (Book X)",
+            f"recovery after {pruning}: test perplexity",
+            "learning-rate sweep: validation perplexity (Book IX)",
+        ],
+    )
     chosen = [r for r in rows if r["selected"]]
     for col, experiment in ((1, "adapt"), (2, "recover")):
         for r in (r for r in chosen if r["experiment"] == experiment):
             name = LABELS[r["method"]] if experiment == "adapt" else f"{r['base']}<br>{LABELS[r['method']]}"
-            fig.add_bar(x=[name], y=[r["test_ppl"]], marker_color=COLORS[r["method"]], showlegend=False,
-                        text=[f"{r['test_ppl']:.2f}"], textposition="outside", row=1, col=col,
-                        hovertemplate=f"trainable {r['trainable']:,}<br>lr {r['lr']:g}<extra></extra>")
+            fig.add_bar(
+                x=[name],
+                y=[r["test_ppl"]],
+                marker_color=COLORS[r["method"]],
+                showlegend=False,
+                text=[f"{r['test_ppl']:.2f}"],
+                textposition="outside",
+                row=1,
+                col=col,
+                hovertemplate=f"trainable {r['trainable']:,}<br>lr {r['lr']:g}<extra></extra>",
+            )
     for method in ("clover", "lora", "pissa", "full"):
         pts = sorted((r["lr"], r["val_ppl"]) for r in rows if r["experiment"] == "adapt" and r["method"] == method)
         if pts:
-            fig.add_scatter(x=[x for x, _ in pts], y=[y for _, y in pts], mode="lines+markers", name=LABELS[method],
-                            line={"color": COLORS[method]}, row=1, col=3)
+            fig.add_scatter(
+                x=[x for x, _ in pts],
+                y=[y for _, y in pts],
+                mode="lines+markers",
+                name=LABELS[method],
+                line={"color": COLORS[method]},
+                row=1,
+                col=3,
+            )
     fig.update_xaxes(type="log", title_text="learning rate", row=1, col=3)
     fig.update_yaxes(title_text="perplexity", row=1, col=1)
     fig.update_layout(title=title, template="plotly_white", height=560, legend={"orientation": "h", "y": -0.2})
@@ -332,15 +388,19 @@ def main() -> None:
     p.add_argument("--experiments", default="adapt,recover", help="adapt, recover or both (comma-separated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default; 1 is faster on a busy machine)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (0 = torch's default; 1 is faster on a busy machine)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model).name if Path(args.model).is_dir() else args.model)
     args.name = f"finetune_{slug}"
     rows, meta = compare(args)
-    title = (f"{args.model} on Paradise Lost: CLOVER-FT vs LoRA vs PiSSA vs full fine-tuning "
-             f"({args.steps} steps x {args.batch} x {args.seq} tokens, equal adapter budgets)")
+    title = (
+        f"{args.model} on Paradise Lost: CLOVER-FT vs LoRA vs PiSSA vs full fine-tuning "
+        f"({args.steps} steps x {args.batch} x {args.seq} tokens, equal adapter budgets)"
+    )
     pruning = f"pruning {args.prune_ratio:.0%} of V-O ({args.prune_mode})"
     write(args.name, rows, figure(rows, title, pruning), meta)
 

@@ -27,16 +27,20 @@ def free_port() -> int:
 
 def wait_for_results(page, text: str, timeout_s: float) -> None:
     """Until the results table (not the progress text drawn over it) mentions ``text``."""
-    page.wait_for_function("(t) => document.querySelector('#results [data-testid=markdown]').innerText.includes(t)",
-                           arg=text, timeout=timeout_s * 1000)
+    page.wait_for_function(
+        "(t) => document.querySelector('#results [data-testid=markdown]').innerText.includes(t)",
+        arg=text,
+        timeout=timeout_s * 1000,
+    )
 
 
 TARGET_LABEL = {"qk": "Q-K", "vo": "V-O", "both": "both"}
 PRUNED = {"qk": "Q-K pruned", "vo": "V-O pruned", "both": "Q-K and V-O pruned"}  # as the results title says
 
 
-def shoot(url: str, out: Path, target: str | None, mode: str, ratio: float | None, width: int,
-          timeout_s: float) -> None:
+def shoot(
+    url: str, out: Path, target: str | None, mode: str, ratio: float | None, width: int, timeout_s: float
+) -> None:
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -68,8 +72,9 @@ def shoot(url: str, out: Path, target: str | None, mode: str, ratio: float | Non
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="the model the page opens with (default: the app's default)")
-    p.add_argument("--target", choices=list(TARGET_LABEL), default=None, help="the pair to prune (default: the "
-                   "app's default)")
+    p.add_argument(
+        "--target", choices=list(TARGET_LABEL), default=None, help="the pair to prune (default: the app's default)"
+    )
     p.add_argument("--mode", choices=["uniform", "global"], default="uniform")
     p.add_argument("--ratio", type=float, default=None, help="move the ratio slider here before the shot")
     p.add_argument("--out", type=Path, default=Path("assets/app.png"))
@@ -81,8 +86,9 @@ def main() -> None:
     import app
 
     demo = app.build_demo()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                **app.launch_options())
+    demo.launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **app.launch_options()
+    )
     try:
         shoot(demo.local_url, args.out, args.target, args.mode, args.ratio, args.width, args.timeout)
     finally:

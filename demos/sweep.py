@@ -39,9 +39,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def sweep(dec: cc.Decomposition, evaluate: Callable[[torch.nn.Module], dict], *, ratios: Iterable[float],
-          targets: Iterable[str], methods: Iterable[str] = ("vanilla", "clover"), mode: str = "global",
-          label: str = "") -> list[dict]:
+def sweep(
+    dec: cc.Decomposition,
+    evaluate: Callable[[torch.nn.Module], dict],
+    *,
+    ratios: Iterable[float],
+    targets: Iterable[str],
+    methods: Iterable[str] = ("vanilla", "clover"),
+    mode: str = "global",
+    label: str = "",
+) -> list[dict]:
     """Prune ``dec`` at every (target, method, ratio) and evaluate each model; one row per model.
 
     The ratio-0 point is measured once per target (both methods give the original model there).
@@ -51,9 +58,16 @@ def sweep(dec: cc.Decomposition, evaluate: Callable[[torch.nn.Module], dict], *,
     start = time.perf_counter()
     for i, (target, method, ratio) in enumerate(todo, 1):
         model = cc.prune(dec, ratio=ratio, target=target, method=method, mode=mode)
-        row = {"model": label, "target": target, "method": method, "mode": mode, "ratio": round(ratio, 6),
-               "parameters": metrics.parameter_count(model),
-               "kv_bytes_per_token": metrics.kv_cache_bytes_per_token(model), **evaluate(model)}
+        row = {
+            "model": label,
+            "target": target,
+            "method": method,
+            "mode": mode,
+            "ratio": round(ratio, 6),
+            "parameters": metrics.parameter_count(model),
+            "kv_bytes_per_token": metrics.kv_cache_bytes_per_token(model),
+            **evaluate(model),
+        }
         rows.append(row)
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k not in ("model", "mode")}
         print(f"[{i}/{len(todo)} {time.perf_counter() - start:6.0f}s] {shown}", flush=True)
@@ -77,26 +91,41 @@ def write(name: str, rows: list[dict], fig, meta: dict | None = None) -> None:
     print(f"wrote {RESULTS / name}.{{csv,json,html,png}}")
 
 
-def ratio_figure(rows: list[dict], panels: list[tuple[str, str]], title: str, *, log_y: bool = True,
-                 facet: str = "target"):
+def ratio_figure(
+    rows: list[dict], panels: list[tuple[str, str]], title: str, *, log_y: bool = True, facet: str = "target"
+):
     """A grid of CLOVER and vanilla curves against the ratio: one row per ``(metric key, axis label)``
     in ``panels``, one column per value of ``facet`` (Q-K / V-O)."""
     from plotly.subplots import make_subplots
 
     columns = list(dict.fromkeys(r[facet] for r in rows))
-    fig = make_subplots(rows=len(panels), cols=len(columns), shared_xaxes=True, horizontal_spacing=0.06,
-                        subplot_titles=[f"{label} - {facet} {c}" for _, label in panels for c in columns])
+    fig = make_subplots(
+        rows=len(panels),
+        cols=len(columns),
+        shared_xaxes=True,
+        horizontal_spacing=0.06,
+        subplot_titles=[f"{label} - {facet} {c}" for _, label in panels for c in columns],
+    )
     for row, (metric, label) in enumerate(panels, 1):
         for col, column in enumerate(columns, 1):
             for method in ("vanilla", "clover"):
                 pts = sorted((r["ratio"], r[metric]) for r in rows if r[facet] == column and r["method"] == method)
-                fig.add_scatter(x=[100 * x for x, _ in pts], y=[y for _, y in pts], mode="lines+markers",
-                                name="CLOVER" if method == "clover" else "vanilla", legendgroup=method,
-                                showlegend=row == 1 and col == 1, line={"color": COLORS[method]}, row=row, col=col,
-                                hovertemplate="%{x:.1f}% removed<br>%{y:.4g}<extra>" + method + "</extra>")
+                fig.add_scatter(
+                    x=[100 * x for x, _ in pts],
+                    y=[y for _, y in pts],
+                    mode="lines+markers",
+                    name="CLOVER" if method == "clover" else "vanilla",
+                    legendgroup=method,
+                    showlegend=row == 1 and col == 1,
+                    line={"color": COLORS[method]},
+                    row=row,
+                    col=col,
+                    hovertemplate="%{x:.1f}% removed<br>%{y:.4g}<extra>" + method + "</extra>",
+                )
             fig.update_yaxes(type="log" if log_y else "linear", row=row, col=col)
         fig.update_yaxes(title_text=label, row=row, col=1)
     fig.update_xaxes(title_text="directions removed (%)", row=len(panels))
-    fig.update_layout(title=title, template="plotly_white", height=160 + 330 * len(panels),
-                      legend={"orientation": "h", "y": -0.12})
+    fig.update_layout(
+        title=title, template="plotly_white", height=160 + 330 * len(panels), legend={"orientation": "h", "y": -0.12}
+    )
     return fig

@@ -69,8 +69,12 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return GPT2TokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
@@ -93,9 +97,18 @@ def unigram_perplexity(train: torch.Tensor, test: torch.Tensor, vocab: int) -> f
 def build_model(vocab: int, args: argparse.Namespace):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=vocab, n_positions=args.context, n_embd=args.n_embd, n_layer=args.n_layer,
-                        n_head=args.n_embd // 64, resid_pdrop=args.dropout, embd_pdrop=args.dropout,
-                        attn_pdrop=args.dropout, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=args.context,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_embd // 64,
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -118,8 +131,9 @@ def mean_loss(model, ids: torch.Tensor, context: int, device: str, batch: int = 
     for i in range(0, n, batch):
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             logits = model(x[i : i + batch].to(device)).logits
-        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y[i : i + batch].to(device).flatten(),
-                                                   reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), y[i : i + batch].to(device).flatten(), reduction="sum"
+        ).item()
     model.train()
     return total / (n * context)
 
@@ -180,13 +194,18 @@ def train(args: argparse.Namespace) -> dict:
     tokenizer = train_tokenizer([plays[n] for n in train_names], args.vocab)
     train_ids = encode(tokenizer, [plays[n] for n in train_names])
     val_ids, test_ids = encode(tokenizer, [plays[VALIDATION]]), encode(tokenizer, [plays[n] for n in HELDOUT])
-    print(f"{len(train_names)} training texts, {train_ids.numel():,} tokens; validation {val_ids.numel():,}; "
-          f"held-out {test_ids.numel():,}; device {device}")
+    print(
+        f"{len(train_names)} training texts, {train_ids.numel():,} tokens; validation {val_ids.numel():,}; "
+        f"held-out {test_ids.numel():,}; device {device}"
+    )
     model = build_model(len(tokenizer), args).to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     gen = torch.Generator().manual_seed(args.seed)
     work = Path(args.work)
     step, best = 0, {"val_loss": math.inf, "step": -1}
@@ -210,8 +229,11 @@ def train(args: argparse.Namespace) -> dict:
         step += 1
         if step % args.eval_every == 0 or step == args.steps:
             val = mean_loss(model, val_ids[: args.val_tokens], args.context, device)
-            print(f"step {step:5d}  train loss {loss.item():.3f}  val loss {val:.3f}  "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            print(
+                f"step {step:5d}  train loss {loss.item():.3f}  val loss {val:.3f}  "
+                f"({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
             if val < best["val_loss"]:
                 best = {"val_loss": val, "step": step}
                 work.mkdir(parents=True, exist_ok=True)
@@ -231,9 +253,15 @@ def finish(args, model, tokenizer, train_ids, test_ids, best, device, n_train) -
     model = model.float().eval()
     ppl = perplexity(model, test_ids, window=args.context, stride=args.context // 2, progress=False)
     result = {
-        "heldout_plays": list(HELDOUT), "validation_play": VALIDATION, "training_texts": n_train,
-        "training_tokens": train_ids.numel(), "heldout_tokens": test_ids.numel(), "best_step": best["step"],
-        "steps": args.steps, "seed": args.seed, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "heldout_plays": list(HELDOUT),
+        "validation_play": VALIDATION,
+        "training_texts": n_train,
+        "training_tokens": train_ids.numel(),
+        "heldout_tokens": test_ids.numel(),
+        "best_step": best["step"],
+        "steps": args.steps,
+        "seed": args.seed,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "heldout_perplexity": round(ppl, 3),
         "unigram_heldout_perplexity": round(unigram_perplexity(train_ids, test_ids, len(tokenizer)), 3),
         "protocol": f"sliding window {args.context}, stride {args.context // 2}",
@@ -268,8 +296,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.1)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--val-tokens", dest="val_tokens", type=int, default=8192,
-                   help="validation tokens scored at each evaluation (model selection)")
+    p.add_argument(
+        "--val-tokens",
+        dest="val_tokens",
+        type=int,
+        default=8192,
+        help="validation tokens scored at each evaluation (model selection)",
+    )
     p.add_argument("--eval-every", dest="eval_every", type=int, default=100)
     args = p.parse_args()
     if args.n_embd % 64:

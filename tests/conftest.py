@@ -1,13 +1,30 @@
-"""Tiny real models from configs (odd head counts too), seeded, in eval mode. No network."""
+"""Tiny real models from configs (odd head counts too), seeded, in eval mode. No network.
+
+The offline models' cache (``CLOVER_CACHE``: SmolLM2 converted from its GGUF file) is a temporary
+folder of this test session, never the user's own ``~/.cache/clover_studio``; subprocesses inherit it.
+"""
 
 import contextlib
+import os
+import shutil
 import socket
+import tempfile
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 torch.set_num_threads(2)
+
+
+def pytest_configure(config):
+    config.clover_cache = tempfile.mkdtemp(prefix="clover-test-cache-")
+    os.environ["CLOVER_CACHE"] = config.clover_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "clover_cache", ""), ignore_errors=True)
+
 
 GPT2_SHAPES = {
     "3x16": dict(n_layer=2, n_head=3, n_embd=48),  # odd head count
@@ -22,8 +39,15 @@ def make_gpt2():
 
     def make(shape: str = "3x16", seed: int = 0, attn: str = "sdpa") -> GPT2LMHeadModel:
         torch.manual_seed(seed)
-        config = GPT2Config(vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                            attn_implementation=attn, **GPT2_SHAPES[shape])
+        config = GPT2Config(
+            vocab_size=97,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            attn_implementation=attn,
+            **GPT2_SHAPES[shape],
+        )
         model = GPT2LMHeadModel(config).eval()
         with torch.no_grad():  # non-zero biases, so the folded bias row is exercised
             for name, p in model.named_parameters():
@@ -47,11 +71,25 @@ def make_whisper():
 
     def make(seed: int = 0):
         torch.manual_seed(seed)
-        config = WhisperConfig(vocab_size=100, d_model=48, encoder_layers=2, decoder_layers=2,
-                               encoder_attention_heads=3, decoder_attention_heads=3, encoder_ffn_dim=64,
-                               decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=20,
-                               max_target_positions=32, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2,
-                               bos_token_id=1, suppress_tokens=[], begin_suppress_tokens=[])
+        config = WhisperConfig(
+            vocab_size=100,
+            d_model=48,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=3,
+            decoder_attention_heads=3,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            num_mel_bins=8,
+            max_source_positions=20,
+            max_target_positions=32,
+            decoder_start_token_id=1,
+            pad_token_id=0,
+            eos_token_id=2,
+            bos_token_id=1,
+            suppress_tokens=[],
+            begin_suppress_tokens=[],
+        )
         model = WhisperForConditionalGeneration(config).eval()
         _randomize_biases(model)
         return model
@@ -66,9 +104,20 @@ def make_llama():
 
     def make(seed: int = 0, bias: bool = False):
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                             attention_bias=bias, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        config = LlamaConfig(
+            vocab_size=100,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            attention_bias=bias,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         model = LlamaForCausalLM(config).eval()
         _randomize_biases(model)
         return model
@@ -84,11 +133,22 @@ def make_unet():
     def make(seed: int = 0):
         torch.manual_seed(seed)
         model = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-            cross_attention_dim=48, norm_num_groups=8).eval()
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,
+            cross_attention_dim=48,
+            norm_num_groups=8,
+        ).eval()
         _randomize_biases(model)
         return model
 
@@ -117,7 +177,9 @@ def launched_app(scratch, *, cache=None, launch=None, **env):
     cache, ``launch`` adds options to ``launch()``, ``env`` sets environment variables.
     """
     import app
-    from clover_core import session as cs
+    from studio import cache as model_cache
+    from studio import downloads
+    from studio import session as pruning
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,8 +187,8 @@ def launched_app(scratch, *, cache=None, launch=None, **env):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        mp.setattr(cs, "LM_EVAL_TOKENS", 128)
-        demo = app.build_demo(cache or cs.ModelCache(8 * 2**30), cs.ScratchFolder(scratch))
+        mp.setattr(pruning, "LM_EVAL_TOKENS", 128)
+        demo = app.build_demo(cache or model_cache.ModelCache(8 * 2**30), downloads.ScratchFolder(scratch))
         demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **(launch or {}))
         try:
             yield demo.local_url

@@ -22,8 +22,12 @@ LOADERS = {  # family -> (library, auto class)
     "whisper": ("transformers", "AutoModelForSpeechSeq2Seq"),
     "unet": ("diffusers", "AutoModel"),
 }
-PLAIN = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "whisper": "WhisperForConditionalGeneration",
-         "unet": "UNet2DConditionModel"}
+PLAIN = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "whisper": "WhisperForConditionalGeneration",
+    "unet": "UNet2DConditionModel",
+}
 
 
 @torch.no_grad()
@@ -35,8 +39,9 @@ def lm_forward(model, x: dict) -> dict:
 def lm_generate(model, x: dict) -> dict:
     """A greedy generation, which runs through the (pruned) KV cache."""
     prompt = x["ids"][:1, :4]
-    return {"generated": model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
-                                        do_sample=False)}
+    return {
+        "generated": model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    }
 
 
 @torch.no_grad()
@@ -47,8 +52,11 @@ def whisper_forward(model, x: dict) -> dict:
 @torch.no_grad()
 def whisper_generate(model, x: dict) -> dict:
     """A greedy generation through the self- and cross-attention caches."""
-    return {"generated": model.generate(x["features"], max_new_tokens=6, do_sample=False,
-                                        decoder_input_ids=x["dec_ids"][:, :1])}
+    return {
+        "generated": model.generate(
+            x["features"], max_new_tokens=6, do_sample=False, decoder_input_ids=x["dec_ids"][:, :1]
+        )
+    }
 
 
 @torch.no_grad()
@@ -63,13 +71,27 @@ def sdxl_pipeline(model, x: dict) -> dict:
     embeddings: no text encoders or VAE needed, latents out."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                     tokenizer_2=None, unet=model, scheduler=EulerDiscreteScheduler(),
-                                     add_watermarker=False)
-    latents = pipe(prompt_embeds=x["states"], pooled_prompt_embeds=x["text_embeds"],
-                   negative_prompt_embeds=-x["states"], negative_pooled_prompt_embeds=-x["text_embeds"],
-                   num_inference_steps=2, height=128, width=128, output_type="latent",
-                   generator=torch.Generator().manual_seed(0)).images
+    pipe = StableDiffusionXLPipeline(
+        vae=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=model,
+        scheduler=EulerDiscreteScheduler(),
+        add_watermarker=False,
+    )
+    latents = pipe(
+        prompt_embeds=x["states"],
+        pooled_prompt_embeds=x["text_embeds"],
+        negative_prompt_embeds=-x["states"],
+        negative_pooled_prompt_embeds=-x["text_embeds"],
+        num_inference_steps=2,
+        height=128,
+        width=128,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     return {"pipeline": latents}
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import clover_core as cc
-from clover_core.adapters import adapter_for
+from clover_core.architectures import adapter_for
 from clover_core.metrics import kv_cache_bytes_per_token, output_cache, parameter_count
 
 from .conftest import unet_inputs
@@ -50,8 +50,9 @@ def test_ratio_zero_is_exact_and_a_ratio_changes_outputs(family):
     for target in targets:
         for method in ("clover", "vanilla"):
             for mode in ("uniform", "global"):
-                torch.testing.assert_close(out(cc.prune(model, ratio=0.0, target=target, method=method, mode=mode)),
-                                           ref, **FP32)
+                torch.testing.assert_close(
+                    out(cc.prune(model, ratio=0.0, target=target, method=method, mode=mode)), ref, **FP32
+                )
     assert (out(cc.prune(model, ratio=0.5, target=targets[-1])) - ref).abs().max() > 1e-3
 
 
@@ -60,7 +61,7 @@ def test_kept_directions_are_the_optimal_rank_r_per_head(family):
     pair = "vo"
     pruned = cc.prune(model, ratio=0.5, target=pair)
     vanilla = cc.prune(model, ratio=0.5, target=pair, method="vanilla")
-    for mod_name, module, adapter in cc.adapters.attention_modules(model):
+    for mod_name, module, adapter in cc.architectures.attention_modules(model):
         a, b = adapter.factors(module)[pair]
         full = (a @ b.transpose(1, 2)).double()
         k = a.shape[2]
@@ -80,7 +81,7 @@ def test_sizes_drop_exactly(family):
     target = targets[-1]
     pruned = cc.prune(model, ratio=0.25, target=target)
     removed = 0
-    for mod_name, module, adapter in cc.adapters.attention_modules(model):
+    for mod_name, module, adapter in cc.architectures.attention_modules(model):
         per_dir = adapter.params_per_direction(module)
         for pair, (a, _) in adapter.factors(module).items():
             if target in (pair, "both"):
@@ -136,7 +137,7 @@ def test_whisper_generate_matches_full_forward_with_cross_attention_cache(make_w
     out = pruned.generate(FEATS, max_new_tokens=8, do_sample=False, decoder_input_ids=DEC_IDS[:, :1])
     ref = greedy(pruned, lambda ids: pruned(input_features=FEATS, decoder_input_ids=ids).logits, DEC_IDS[:, :1], 8)
     new = ref[:, 1:]  # Whisper's generate returns only the generated tokens, not the decoder prompt
-    assert torch.equal(out[:, -new.shape[1]:], new[:, : out.shape[1]])
+    assert torch.equal(out[:, -new.shape[1] :], new[:, : out.shape[1]])
 
 
 def test_whisper_kv_bytes_count_only_decoder_self_attention(make_whisper):
@@ -165,7 +166,7 @@ def test_unequal_widths_take_fast_exact_routes_on_cpu(make_llama, make_gpt2, arc
     both equal the eager model."""
     import copy
 
-    from clover_core.remote import clover_attention
+    from clover_core.architectures.remote import clover_attention
 
     model, target = (make_llama(), "vo") if arch == "llama" else (make_gpt2("3x16"), "qk")
     pruned = cc.prune(model, ratio=0.5, target=target)
@@ -177,16 +178,27 @@ def test_unequal_widths_take_fast_exact_routes_on_cpu(make_llama, make_gpt2, arc
     mask[1, :3] = 0  # left padding in the second row
     calls = []
     real = clover_attention.eager_attention
-    monkeypatch.setattr(clover_attention, "eager_attention", lambda m, q, *a, **k: calls.append(q.shape[-2]) or real(m, q, *a, **k))
+    monkeypatch.setattr(
+        clover_attention, "eager_attention", lambda m, q, *a, **k: calls.append(q.shape[-2]) or real(m, q, *a, **k)
+    )
     limit = 0 if route == "eager" else 2**40  # the tiny test cache counts as large, or as small
     monkeypatch.setattr(clover_attention, "PAD_CACHE_BYTES", limit)
     with torch.no_grad():
-        torch.testing.assert_close(pruned(ids, attention_mask=mask).logits[mask.bool()],
-                                   eager(ids, attention_mask=mask).logits[mask.bool()], **FP32)
+        torch.testing.assert_close(
+            pruned(ids, attention_mask=mask).logits[mask.bool()],
+            eager(ids, attention_mask=mask).logits[mask.bool()],
+            **FP32,
+        )
         assert calls and set(calls) == {7}  # only the eager model's own calls: the prompt kept SDPA
         calls.clear()
-        kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True,
-                  return_dict_in_generate=True, pad_token_id=0)
+        kw = dict(
+            attention_mask=mask,
+            max_new_tokens=5,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
         fast = pruned.generate(ids, **kw)
         assert (1 in calls) == (route == "eager")  # decoding steps: eager attention, or padded SDPA
         slow = eager.generate(ids, **kw)
@@ -196,7 +208,7 @@ def test_unequal_widths_take_fast_exact_routes_on_cpu(make_llama, make_gpt2, arc
 
 
 def test_fused_widths_per_device():
-    from clover_core.remote.clover_attention import fused_widths
+    from clover_core.architectures.remote.clover_attention import fused_widths
 
     assert fused_widths(12, 16, "cpu") == (16, 16) and fused_widths(16, 16, "cpu") == (16, 16)
     assert fused_widths(12, 16, "cuda") == (16, 16)
@@ -213,7 +225,7 @@ def test_cuda_rule_pads_widths_to_multiples_of_8_exactly(make_llama, make_gpt2, 
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from clover_core.remote import clover_attention
+    from clover_core.architectures.remote import clover_attention
 
     model, target, ratio = (make_llama(), "vo", 0.5) if arch == "llama" else (make_gpt2("3x16"), "qk", 0.25)
     pruned = cc.prune(model, ratio=ratio, target=target)

@@ -11,6 +11,8 @@ from gradio_client.exceptions import AppError
 from clover_core.audio import bundled_clips
 from tests.conftest import launched_app
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 LM = "gpt2-tiny-random"
 SETTING = (LM, 0.5, "qk", "uniform")
 
@@ -24,14 +26,24 @@ def client(tmp_path_factory):
 def kept_ranks(plot: dict) -> list:
     """The "rank kept" of every head, from the heatmap's hover data in the plot's JSON."""
     figure = json.loads(plot["plot"])
-    return [[cell[0] for row in trace["customdata"] for cell in row] for trace in figure["data"]
-            if trace["type"] == "heatmap"]
+    return [
+        [cell[0] for row in trace["customdata"] for cell in row]
+        for trace in figure["data"]
+        if trace["type"] == "heatmap"
+    ]
 
 
 def test_every_action_is_a_named_endpoint(client):
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(named) == {"/load_model", "/spectra", "/prune", "/compare_text", "/compare_audio",
-                          "/compare_images", "/download"}
+    assert set(named) == {
+        "/load_model",
+        "/spectra",
+        "/prune",
+        "/compare_text",
+        "/compare_audio",
+        "/compare_images",
+        "/download",
+    }
     assert [p["parameter_name"] for p in named["/prune"]["parameters"]] == ["model", "ratio", "target", "mode"]
 
 
@@ -72,8 +84,9 @@ def test_upload_a_wav_file(client):
     status, *_ = client.predict("whisper-tiny.en", api_name="/load_model")
     assert "speech model" in status
     wav = bundled_clips()["hello_world"][0]
-    original, vanilla, clover, note = client.predict("whisper-tiny.en", 0.0, "vo", "uniform", None,
-                                                     handle_file(str(wav)), api_name="/compare_audio")
+    original, vanilla, clover, note = client.predict(
+        "whisper-tiny.en", 0.0, "vo", "uniform", None, handle_file(str(wav)), api_name="/compare_audio"
+    )
     assert original.lower().startswith("hello") and vanilla == clover == original and note == ""
 
 
@@ -85,6 +98,7 @@ def test_the_api_defaults_work(client):
     assert client.predict(api_name="/prune").startswith("**smollm2-135m**: V-O pruned, uniform, ratio 0.25")
     _, curves, _ = client.predict(LM, 0.5, "qk", "uniform", api_name="/spectra")
     assert "of transformer.h.0.attn" in curves["plot"]
-    original, vanilla, clover, note = client.predict("whisper-tiny.en", 0.0, "vo", "uniform", "hello_world",
-                                                     api_name="/compare_audio")
+    original, vanilla, clover, note = client.predict(
+        "whisper-tiny.en", 0.0, "vo", "uniform", "hello_world", api_name="/compare_audio"
+    )
     assert original.lower().startswith("hello") and vanilla == clover == original and "Word error rate" in note

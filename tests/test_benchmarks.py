@@ -6,12 +6,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_stream_memory_runs_streamed_and_loaded_whole(tmp_path):
-    cmd = [sys.executable, "benchmarks/stream_memory.py", "--model", "gpt2-small", "--dir", str(tmp_path), "--baseline",
-           "--spectra"]
+    cmd = [
+        sys.executable,
+        "benchmarks/stream_memory.py",
+        "--model",
+        "gpt2-small",
+        "--dir",
+        str(tmp_path),
+        "--baseline",
+        "--spectra",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

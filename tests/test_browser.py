@@ -13,6 +13,8 @@ import pytest
 import app
 from tests.conftest import launched_app
 
+pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow]
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TIMEOUT_MS = 240_000  # a loaded 2-core machine; it takes seconds when idle
 RESULTS = "#results [data-testid=markdown]"  # the table itself, not the progress text drawn over it
@@ -48,11 +50,14 @@ def page(browser, url):
 
 def plot_state(page, elem_id: str) -> dict:
     """The Plotly figure the browser drew: its traces' hover data and its shapes."""
-    return json.loads(page.evaluate(
-        """(id) => { const el = document.querySelector(`#${id} .js-plotly-plot`);
+    return json.loads(
+        page.evaluate(
+            """(id) => { const el = document.querySelector(`#${id} .js-plotly-plot`);
                      return JSON.stringify({custom: el.data.map(t => t.customdata || null),
                                             shapes: (el.layout.shapes || []).map(s => [s.x0, s.x1, s.y0, s.y1])}); }""",
-        elem_id))
+            elem_id,
+        )
+    )
 
 
 def kv_cells(results: str) -> list[str]:
@@ -76,8 +81,11 @@ def test_slider_updates_the_numbers_and_the_plots(page):
     page.mouse.click(box["x"] + 0.85 * box["width"], box["y"] + box["height"] / 2)  # press and release
     ratio = float(page.locator("#ratio input[type=number]").input_value())
     assert ratio > 0.5
-    page.wait_for_function("([sel, r]) => document.querySelector(sel).innerText.includes(`ratio ${r}`)",
-                           arg=[RESULTS, f"{ratio:g}"], timeout=TIMEOUT_MS)
+    page.wait_for_function(
+        "([sel, r]) => document.querySelector(sel).innerText.includes(`ratio ${r}`)",
+        arg=[RESULTS, f"{ratio:g}"],
+        timeout=TIMEOUT_MS,
+    )
     kept = round(64 * (1 - ratio))
     after = kv_cells(page.inner_text(RESULTS))
     assert after[0] == "8,192" and after[1] == after[2] != "7,168 (-12.5%)"
@@ -97,9 +105,11 @@ def test_small_generated_images_fill_their_boxes(browser, tmp_path):
         page.get_by_role("tab", name="Compare outputs").click()
         page.get_by_role("button", name="Generate images").click()
         images = page.locator(".clover-image img")
-        page.wait_for_function("() => { const imgs = [...document.querySelectorAll('.clover-image img')];"
-                               " return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0); }",
-                               timeout=TIMEOUT_MS)
+        page.wait_for_function(
+            "() => { const imgs = [...document.querySelectorAll('.clover-image img')];"
+            " return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0); }",
+            timeout=TIMEOUT_MS,
+        )
         drawn = [images.nth(i).evaluate(DRAWN_HEIGHT) for i in range(3)]
         page.close()
     assert all(d["natural"] <= 64 for d in drawn)  # the images are small

@@ -5,16 +5,12 @@ import pytest
 import torch
 
 import clover_core as cc
-from clover_core import checkpoint
+from clover_core.io import weights
+from clover_core.io.stream import stream_prune
 from clover_core.prune import PruneConfig
-from clover_core.stream import stream_prune
 
+from .helpers import logits
 from .tolerances import FP32
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 @pytest.fixture
@@ -141,8 +137,8 @@ def test_tampered_shapes_are_refused(saved):
 
 
 def test_is_checkpoint(saved, tmp_path):
-    assert checkpoint.is_checkpoint(saved)
-    assert not checkpoint.is_checkpoint(tmp_path)
+    assert weights.is_checkpoint(saved)
+    assert not weights.is_checkpoint(tmp_path)
 
 
 # --------------------------------------------------------------------------- sharded and damaged files
@@ -156,12 +152,12 @@ def sharded(pruned, tmp_path):
 
 
 def test_sharded_checkpoint_round_trips(sharded, pruned, tokens):
-    assert len(checkpoint.weight_files(sharded).files) > 1
+    assert len(weights.weight_files(sharded).files) > 1
     torch.testing.assert_close(logits(cc.load_pruned(sharded), tokens), logits(pruned, tokens), **FP32)
 
 
 def test_truncated_or_missing_shard_names_the_shard(sharded):
-    first, second = checkpoint.weight_files(sharded).files[:2]
+    first, second = weights.weight_files(sharded).files[:2]
     first.write_bytes(first.read_bytes()[:-100])
     with pytest.raises(ValueError, match=f"{first.name} cannot be read.*corrupted or truncated"):
         cc.load_pruned(sharded)
@@ -246,7 +242,9 @@ def test_model_card_survives_reload_and_reports_the_saved_dtype(pruned, make_gpt
     assert rows_again["parameters"] == rows_first["parameters"]  # "before" travels in the record
     full = kv_cache_bytes_per_token(make_gpt2("5x8"))  # float32
     assert [number(c) for c in rows_again["KV-cache bytes per token (float16)"]] == [
-        full // 2, kv_cache_bytes_per_token(pruned) // 2]
+        full // 2,
+        kv_cache_bytes_per_token(pruned) // 2,
+    ]
     assert json.loads((again / "config.json").read_text())["dtype"] == "float16"
 
 
@@ -264,9 +262,16 @@ def test_a_pipeline_as_processor_writes_only_the_unet(make_unet, tmp_path):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     unet = make_unet()
-    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                     tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler(),
-                                     add_watermarker=False)
+    pipe = StableDiffusionXLPipeline(
+        vae=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+        add_watermarker=False,
+    )
     folder = cc.save_pruned(cc.prune(unet, ratio=0.5, target="vo"), tmp_path / "unet", processor=pipe)
     assert not (folder / "model_index.json").exists() and not (folder / "unet").exists()
     assert (folder / "diffusion_pytorch_model.safetensors").is_file()

@@ -16,8 +16,26 @@ def model_dir(make_gpt2, tmp_path):
 
 def test_prune_writes_a_loadable_checkpoint(model_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
-    assert main(["prune", "--model", str(model_dir), "--target", "qk", "--method", "clover",
-                 "--mode", "global", "--ratio", "0.5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(model_dir),
+                "--target",
+                "qk",
+                "--method",
+                "clover",
+                "--mode",
+                "global",
+                "--ratio",
+                "0.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     pruned = cc.load_pruned(out)
     assert pruned.config.clover["mode"] == "global"
     assert sum(8 - r for d in pruned.config.clover["ranks"].values() for r in d["qk"]) == round(0.5 * 3 * 5 * 8)
@@ -34,11 +52,14 @@ def test_spectra_json(model_dir, tmp_path):
     torch.testing.assert_close(torch.tensor(data["transformer.h.2.attn"]["vo"]), expected["transformer.h.2.attn"]["vo"])
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--ratio", "1.5"], "ratio=1.5 is out of range"),
-    (["--ratio", "nan"], "ratio=nan"),
-    (["--mode", "threshold"], "threshold=None"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--ratio", "1.5"], "ratio=1.5 is out of range"),
+        (["--ratio", "nan"], "ratio=nan"),
+        (["--mode", "threshold"], "threshold=None"),
+    ],
+)
 def test_bad_input_is_one_line_and_nonzero(model_dir, tmp_path, capsys, args, match):
     status = main(["prune", "--model", str(model_dir), "--out", str(tmp_path / "x"), *args])
     err = capsys.readouterr().err
@@ -61,6 +82,7 @@ def test_invalid_choice_is_rejected_by_the_parser(model_dir, capsys):
     assert "invalid choice: 'kq'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_compares_original_vanilla_and_clover(capsys):
     assert main(["demo", "--model", "gpt2-tiny-random", "--ratio", "0.5", "--tokens", "300"]) == 0
     out = capsys.readouterr().out
@@ -69,6 +91,8 @@ def test_demo_compares_original_vanilla_and_clover(capsys):
     assert "perplexity" in out
 
 
+@pytest.mark.real_weights
+@pytest.mark.slow
 def test_demo_fits_its_windows_to_the_model(capsys):
     """gpt2-shakespeare has 256 positions: the demo's 512-token windows shrink to them."""
     assert main(["demo", "--model", "gpt2-shakespeare", "--ratio", "0.5", "--tokens", "600"]) == 0

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 import clover_core as cc
-from clover_core.adapters.base import split_heads
-from clover_core.decompose import orthogonalize, vanilla_scores
+from clover_core.architectures.base import split_heads
+from clover_core.orthogonalize import orthogonalize, vanilla_scores
 
+from .helpers import gpt2_head_products
 from .tolerances import FP32, FP32_FACTOR_REL, FP64
 
 
@@ -108,6 +109,9 @@ def test_spectra_from_a_model_equals_spectra_from_its_decomposition(make_gpt2):
     a, b = cc.spectra(model), cc.spectra(cc.decompose(model))
     for name in a:
         torch.testing.assert_close(a[name]["vo"], b[name]["vo"])
+        for pair, product in gpt2_head_products(model.get_submodule(name)).items():  # an independent oracle
+            expected = torch.linalg.svdvals(product.double())[:, :8].float()
+            torch.testing.assert_close(a[name][pair], expected, atol=FP32_FACTOR_REL * expected.max().item(), rtol=0)
 
 
 def test_decompose_float64_path(make_gpt2):
@@ -148,8 +152,10 @@ def tiny_model(kind, make_gpt2, make_llama, make_whisper):
     return {"gpt2": lambda: make_gpt2("5x8"), "llama": make_llama, "whisper": make_whisper}[kind]()
 
 
-@pytest.mark.parametrize("kind,dtype", [("gpt2", torch.float32), ("llama", torch.float32),
-                                        ("whisper", torch.float32), ("gpt2", torch.float16)])
+@pytest.mark.parametrize(
+    "kind,dtype",
+    [("gpt2", torch.float32), ("llama", torch.float32), ("whisper", torch.float32), ("gpt2", torch.float16)],
+)
 def test_rank_major_decompose_equals_the_converted_one(kind, dtype, make_gpt2, make_llama, make_whisper):
     model = tiny_model(kind, make_gpt2, make_llama, make_whisper).to(dtype)
     converted = cc.decompose(model)
@@ -188,8 +194,7 @@ def test_split_heads_folds_the_bias_and_keeps_the_weight_layout(bias, layout, ra
     linear = torch.nn.Linear(d, n * k, bias=bias)
     weight = linear.weight.detach().T if layout == "linear" else linear.weight.detach().T.contiguous()  # (d, n*k)
     folded = torch.cat([weight, linear.bias.detach()[None] if bias else torch.zeros(1, n * k)])
-    expected = (folded.view(d + 1, k, n).permute(2, 0, 1) if rank_major
-                else folded.view(d + 1, n, k).permute(1, 0, 2))
+    expected = folded.view(d + 1, k, n).permute(2, 0, 1) if rank_major else folded.view(d + 1, n, k).permute(1, 0, 2)
     got = split_heads(weight, linear.bias if bias else None, n, rank_major=rank_major)
     assert torch.equal(got, expected)
     assert got.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()  # a copy, not a view
@@ -226,9 +231,10 @@ def reduced_precision():
 
 
 @pytest.mark.parametrize("setting", list(PRECISION_SETTINGS))
-def test_reduced_matmul_precision_is_lifted_while_decomposing_and_restored(setting, reduced_precision, make_gpt2,
-                                                                          monkeypatch):
-    engine = __import__("clover_core.decompose", fromlist=["_gram"])
+def test_reduced_matmul_precision_is_lifted_while_decomposing_and_restored(
+    setting, reduced_precision, make_gpt2, monkeypatch
+):
+    engine = __import__("clover_core.orthogonalize", fromlist=["_gram"])
     model = make_gpt2("5x8")
     expected = cc.decompose(model)
     reduced_precision(setting)
@@ -246,7 +252,7 @@ def test_reduced_matmul_precision_is_lifted_while_decomposing_and_restored(setti
 
 
 def test_the_precision_switch_is_shared_and_untouched_by_default(reduced_precision, monkeypatch):
-    from clover_core.decompose import full_precision_matmuls
+    from clover_core.orthogonalize import full_precision_matmuls
 
     def refuse(*args):
         raise AssertionError("the default precision was changed")

@@ -4,7 +4,7 @@ On a CUDA machine these check what the CPU suite cannot: the decomposition with 
 rotations on the device (and the small float64 algebra on the host), its float32 exactness with
 TF32 matmuls switched on, pruning, the slider and
 ``generate()`` give the CPU's results, and pruned attention in half precision runs the fused kernel
-its width rule pads for (see ``clover_core.remote.clover_attention.fused_widths``).
+its width rule pads for (see ``clover_core.architectures.remote.clover_attention.fused_widths``).
 """
 
 import copy
@@ -17,7 +17,16 @@ import clover_core as cc
 
 from .tolerances import FP32
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+        ],
+    ),
+]
 # The fused kernel each device's width rule pads for: CPU flash attention needs equal widths, CUDA's
 # memory-efficient kernel (the one that takes a value width unlike the query/key width) multiples of 8.
 FUSED = {"cpu": SDPBackend.FLASH_ATTENTION, "cuda": SDPBackend.EFFICIENT_ATTENTION}
@@ -102,7 +111,8 @@ def test_pruned_attention_in_half_precision_runs_the_fused_kernel(make_gpt2, mak
             expected = pruned(tokens).logits
         with torch.no_grad(), sdpa_kernel([FUSED[device]]):
             logits = half(ids).logits
-            steps = half.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, output_scores=True,
-                                  return_dict_in_generate=True).scores  # decoding with the cache
+            steps = half.generate(
+                ids, max_new_tokens=3, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+            ).scores  # decoding with the cache
         torch.testing.assert_close(logits.float().cpu(), expected, **HALF_LOGITS)
         assert len(steps) == 3 and all(torch.isfinite(s).all() for s in steps)

@@ -5,15 +5,11 @@ import pytest
 import torch
 
 import clover_core as cc
-from clover_core.adapters import adapter_for
+from clover_core.architectures import adapter_for
 from clover_core.metrics import parameter_count
 
+from .helpers import logits
 from .tolerances import FP32, FP64
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def train_step(ft, batch, lr=1e-2, **inputs):
@@ -77,11 +73,13 @@ def test_adapter_round_trip(make_gpt2, tokens, tmp_path):
     ft.save_adapter(tmp_path / "adapter.safetensors")
     assert (tmp_path / "adapter.safetensors").stat().st_size < 64 * 1024  # the matrices only
     again = cc.finetune.prepare(make_gpt2("5x8"), "both", mlp=True, mlp_block=8)
-    torch.testing.assert_close(logits(again.load_adapter(tmp_path / "adapter.safetensors").model, tokens),
-                               trained, **FP32)
+    torch.testing.assert_close(
+        logits(again.load_adapter(tmp_path / "adapter.safetensors").model, tokens), trained, **FP32
+    )
     with pytest.raises(ValueError, match="other base weights"):
         cc.finetune.prepare(make_gpt2("5x8", seed=1), "both", mlp=True, mlp_block=8).load_adapter(
-            tmp_path / "adapter.safetensors")
+            tmp_path / "adapter.safetensors"
+        )
     with pytest.raises(ValueError, match="same settings"):
         cc.finetune.prepare(make_gpt2("5x8"), "vo").load_adapter(tmp_path / "adapter.safetensors")
 
@@ -153,8 +151,10 @@ def test_whisper_self_and_cross_attention(make_whisper):
     model = make_whisper()
     size = parameter_count(model)
     gen = torch.Generator().manual_seed(0)
-    inputs = {"input_features": torch.randn(2, 8, 40, generator=gen),
-              "decoder_input_ids": torch.randint(3, 100, (2, 6), generator=gen)}
+    inputs = {
+        "input_features": torch.randn(2, 8, 40, generator=gen),
+        "decoder_input_ids": torch.randint(3, 100, (2, 6), generator=gen),
+    }
     with torch.no_grad():
         before = model(**inputs).logits
     ft = cc.finetune.prepare(model, "both", mlp=True, mlp_block=16)

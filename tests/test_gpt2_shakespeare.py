@@ -16,7 +16,10 @@ from safetensors import safe_open
 import clover_core as cc
 from clover_core.data import bundled_text
 from clover_core.metrics import perplexity
-from clover_core.models import GPT2_SHAKESPEARE, load_model
+from clover_core.models import load_model
+from clover_core.zoo import GPT2_SHAKESPEARE
+
+pytestmark = [pytest.mark.real_weights]
 
 TOKENS = 2048
 

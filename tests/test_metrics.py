@@ -64,7 +64,9 @@ def test_gpt2_perplexity_matches_the_loss_of_one_full_window(make_gpt2, tokens):
     ids = tokens[0]
     with torch.no_grad():
         loss = model(ids[None], labels=ids[None]).loss.item()
-    assert metrics.perplexity(model, ids, window=64, stride=32, progress=False) == pytest.approx(math.exp(loss), rel=1e-5)
+    assert metrics.perplexity(model, ids, window=64, stride=32, progress=False) == pytest.approx(
+        math.exp(loss), rel=1e-5
+    )
 
 
 def test_word_error_rate_known_edits():
@@ -110,6 +112,8 @@ def test_teacher_forced_loss_matches_a_manual_cross_entropy(make_whisper):
     with torch.no_grad():
         logits = model(input_features=feats, decoder_input_ids=inputs).logits[0]
     expected = torch.nn.functional.cross_entropy(logits[1:], labels[0, 1:]).item()
-    assert metrics.teacher_forced_loss(model, feats, labels, decoder_input_ids=inputs) == pytest.approx(expected, rel=1e-6)
+    assert metrics.teacher_forced_loss(model, feats, labels, decoder_input_ids=inputs) == pytest.approx(
+        expected, rel=1e-6
+    )
     with pytest.raises(ValueError, match="no scored token"):
         metrics.teacher_forced_loss(model, feats, torch.full((1, 5), -100), decoder_input_ids=inputs)

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 import clover_core as cc
-from clover_core import session as cs
 from clover_core.__main__ import main
-from clover_core.models import gpt2_tokenizer
+from clover_core.zoo.packages import gpt2_tokenizer
+from studio import cache as model_cache
 
 from .conftest import unet_inputs
 from .tolerances import FP32
 
 
+@pytest.mark.real_weights
 @pytest.mark.parametrize("name", ["gpt2-tiny-random", "gpt2-shakespeare", "smollm2-135m"])
 def test_tokenized_text_runs_through_the_model(name):
     bundle = cc.load_model(name)
@@ -39,7 +40,17 @@ def test_a_diffusers_model_folder_loads_and_prunes_from_the_cli(make_unet, tmp_p
     unet.save_pretrained(tmp_path / "unet")
     bundle = cc.load_model(tmp_path / "unet")
     assert type(bundle.model).__name__ == "UNet2DConditionModel" and bundle.processor is None
-    args = ["prune", "--model", str(tmp_path / "unet"), "--ratio", "0.5", "--target", "both", "--out", str(tmp_path / "p")]
+    args = [
+        "prune",
+        "--model",
+        str(tmp_path / "unet"),
+        "--ratio",
+        "0.5",
+        "--target",
+        "both",
+        "--out",
+        str(tmp_path / "p"),
+    ]
     assert main(args) == 0
     sample, t, text, added = unet_inputs()
     with torch.no_grad():
@@ -52,7 +63,7 @@ def test_a_diffusers_model_folder_loads_and_prunes_from_the_cli(make_unet, tmp_p
 
 
 def test_the_app_refuses_a_unet_without_its_pipeline(make_unet):
-    cache = cs.ModelCache(2**30, loaders={"bare-unet": lambda: (make_unet(), None)})
+    cache = model_cache.ModelCache(2**30, loaders={"bare-unet": lambda: (make_unet(), None)})
     with pytest.raises(ValueError, match="bare-unet is a diffusers UNet2DConditionModel without its pipeline"):
         cache.get("bare-unet")
 
@@ -64,6 +75,7 @@ def test_a_folder_naming_no_diffusers_model_class_is_refused(tmp_path, name):
         cc.load_model(tmp_path)
 
 
+@pytest.mark.slow
 def test_variant_weights_load_like_plain_ones(make_unet, make_gpt2, tmp_path):
     """Folders saved with ``variant="fp16"`` (SDXL's UNet downloaded that way holds only
     ``diffusion_pytorch_model.fp16.safetensors``): a UNet in one file or sharded, a pipeline whose UNet
@@ -79,7 +91,7 @@ def test_variant_weights_load_like_plain_ones(make_unet, make_gpt2, tmp_path):
         got = cc.load_model(tmp_path / folder).model.state_dict()
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[k], expected[k]) for k in expected), folder
-    pipe = cc.models.sdxl_tiny_random()[1]
+    pipe = cc.zoo.sdxl_tiny_random()[1]
     pipe.save_pretrained(tmp_path / "pipe")
     for path in (tmp_path / "pipe" / "unet").glob("*.safetensors"):
         path.unlink()

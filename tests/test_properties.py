@@ -1,14 +1,15 @@
 """Property tests: on random shapes, head counts, ranks, with and without biases, in float32 and
 float64, the decomposition is exact and CLOVER's pruning is the optimal rank-r approximation."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import clover_core as cc
-from clover_core.adapters import adapter_for
-from clover_core.decompose import orthogonalize
+from clover_core.architectures import adapter_for
+from clover_core.orthogonalize import orthogonalize
 
 from .tolerances import FP32, FP32_FACTOR_REL, FP64
 
@@ -63,8 +64,14 @@ def test_truncation_is_the_optimal_rank_r_approximation(pair, data):
 @st.composite
 def gpt2_models(draw):
     heads, head_dim = draw(st.integers(1, 4)), draw(st.sampled_from([2, 4, 8]))
-    config = GPT2Config(vocab_size=31, n_positions=16, n_layer=draw(st.integers(1, 2)), n_head=heads,
-                        n_embd=heads * head_dim, attn_implementation="eager")
+    config = GPT2Config(
+        vocab_size=31,
+        n_positions=16,
+        n_layer=draw(st.integers(1, 2)),
+        n_head=heads,
+        n_embd=heads * head_dim,
+        attn_implementation="eager",
+    )
     torch.manual_seed(draw(st.integers(0, 2**16)))
     model = GPT2LMHeadModel(config).eval()
     biases = draw(st.booleans())
@@ -75,6 +82,7 @@ def gpt2_models(draw):
     return model.to(draw(st.sampled_from([torch.float32, torch.float64])))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(gpt2_models(), st.sampled_from(["qk", "vo"]), st.floats(0.0, 0.95), st.sampled_from(["uniform", "global"]))
 def test_pruned_heads_are_optimal_for_their_kept_rank(model, target, ratio, mode):
@@ -95,6 +103,7 @@ def test_pruned_heads_are_optimal_for_their_kept_rank(model, target, ratio, mode
         torch.testing.assert_close(err, optimal, atol=tol * scale, rtol=1e-3)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(gpt2_models())
 def test_ratio_zero_is_exact_on_every_draw(model):

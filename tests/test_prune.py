@@ -6,14 +6,10 @@ import torch
 import clover_core as cc
 from clover_core.metrics import kv_cache_bytes_per_token, output_cache, parameter_count
 
+from .helpers import gpt2_head_products, logits
 from .tolerances import FP32
 
 MODES = [("uniform", dict(ratio=0.0)), ("global", dict(ratio=0.0))]
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 @pytest.mark.parametrize("shape", ["3x16", "5x8", "2x32"])
@@ -37,9 +33,8 @@ def test_pruning_changes_outputs(make_gpt2, tokens):
 
 
 def head_products(model, name):
-    """Per-head Q-K and V-O products of a (pruned or original) module, computed independently."""
-    adapter = cc.adapters.adapter_for(model.get_submodule(name))
-    return {p: a @ b.transpose(1, 2) for p, (a, b) in adapter.factors(model.get_submodule(name)).items()}
+    """Per-head Q-K and V-O products of a (pruned or original) GPT-2 module, computed independently."""
+    return gpt2_head_products(model.get_submodule(name))
 
 
 @pytest.mark.parametrize("pair", ["qk", "vo"])
@@ -86,10 +81,16 @@ def test_global_mode_removes_the_quantile_and_ranks_differ(make_gpt2):
     ranks = [r for d in pruned.config.clover["ranks"].values() for r in d["qk"]]
     assert sum(8 - r for r in ranks) == round(0.6 * 3 * 5 * 8)
     assert len(set(ranks)) > 1
-    kept_scores = [dec.modules[n].pairs["qk"].s[h, :r] for n, d in pruned.config.clover["ranks"].items()
-                   for h, r in enumerate(d["qk"])]
-    dropped = [dec.modules[n].pairs["qk"].s[h, r:] for n, d in pruned.config.clover["ranks"].items()
-               for h, r in enumerate(d["qk"])]
+    kept_scores = [
+        dec.modules[n].pairs["qk"].s[h, :r]
+        for n, d in pruned.config.clover["ranks"].items()
+        for h, r in enumerate(d["qk"])
+    ]
+    dropped = [
+        dec.modules[n].pairs["qk"].s[h, r:]
+        for n, d in pruned.config.clover["ranks"].items()
+        for h, r in enumerate(d["qk"])
+    ]
     assert torch.cat(kept_scores).min() >= torch.cat(dropped).max()
     # true sizes: padding inside a layer is not counted
     per_dir = 2 * (40 + 1)
@@ -167,23 +168,34 @@ def test_kv_cache_really_shrinks(make_gpt2):
     assert layer.keys.shape[-1] == 8 and layer.values.shape[-1] == 16
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(ratio=1.0), "ratio=1.0 is out of range"),
-    (dict(ratio=-0.1), "out of range"),
-    (dict(ratio=float("nan")), "ratio=nan"),
-    (dict(ratio="0.5"), "ratio='0.5'"),
-    (dict(ratio=True), "ratio=True"),
-    (dict(ratio=0.5, target="kq"), "target='kq'"),
-    (dict(ratio=0.5, method="svd"), "method='svd'"),
-    (dict(ratio=0.5, mode="local"), "mode='local'"),
-    (dict(mode="threshold"), "threshold=None"),
-    (dict(mode="threshold", threshold=-1.0), "threshold=-1.0"),
-    (dict(mode="threshold", threshold=0.1, ratio=0.5), "ratio=0.5 is not used"),
-    (dict(ratio=0.5, threshold=0.1), "threshold=0.1 is only used"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(ratio=1.0), "ratio=1.0 is out of range"),
+        (dict(ratio=-0.1), "out of range"),
+        (dict(ratio=float("nan")), "ratio=nan"),
+        (dict(ratio="0.5"), "ratio='0.5'"),
+        (dict(ratio=True), "ratio=True"),
+        (dict(ratio=0.5, target="kq"), "target='kq'"),
+        (dict(ratio=0.5, method="svd"), "method='svd'"),
+        (dict(ratio=0.5, mode="local"), "mode='local'"),
+        (dict(mode="threshold"), "threshold=None"),
+        (dict(mode="threshold", threshold=-1.0), "threshold=-1.0"),
+        (dict(mode="threshold", threshold=0.1, ratio=0.5), "ratio=0.5 is not used"),
+        (dict(ratio=0.5, threshold=0.1), "threshold=0.1 is only used"),
+        (dict(), "ratio is required with mode='uniform'"),  # no silent unpruned copy
+        (dict(mode="global"), "ratio is required with mode='global'"),
+    ],
+)
 def test_bad_arguments_name_the_argument(make_gpt2, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cc.prune(make_gpt2(), **kwargs)
+
+
+def test_the_slider_needs_a_ratio_too(make_gpt2):
+    slider = cc.Slider(cc.decompose(make_gpt2()))
+    with pytest.raises(ValueError, match="ratio is required with mode='uniform'"):
+        slider()
 
 
 def test_unsupported_models_and_dtypes_are_refused(make_gpt2):

@@ -26,9 +26,11 @@ from gradio_client import Client, handle_file
 
 import app
 import clover_core as cc
-from clover_core import checkpoint
-from clover_core import session as cs
 from clover_core.__main__ import main
+from clover_core.io import weights
+from studio import cache as model_cache
+from studio import downloads, outputs
+from studio import session as pruning
 
 from .conftest import launched_app
 from .tolerances import FP32
@@ -58,7 +60,7 @@ def logits(model, seed: int = 1):
 
 
 def tiny_studio(tmp_path, **loaders) -> app.Studio:
-    return app.Studio(cs.ModelCache(2**30, loaders=loaders), cs.ScratchFolder(tmp_path / "scratch"))
+    return app.Studio(model_cache.ModelCache(2**30, loaders=loaders), downloads.ScratchFolder(tmp_path / "scratch"))
 
 
 def tone(path, seconds=1.0, sr=16000, channels=1, amplitude=0.3):
@@ -80,12 +82,15 @@ def test_app_ratio_out_of_range_or_nan_is_named(make_gpt2, tmp_path, ratio):
         call(studio.download, "tiny", ratio, "qk", "uniform", None)
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--mode", "threshold", "--threshold", "nan"], "threshold=nan is not valid"),
-    (["--mode", "threshold", "--threshold", "-1"], "threshold=-1.0"),
-    (["--ratio", "inf"], "ratio=inf is not valid"),
-    (["--ratio", "-0.5"], "ratio=-0.5"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--mode", "threshold", "--threshold", "nan"], "threshold=nan is not valid"),
+        (["--mode", "threshold", "--threshold", "-1"], "threshold=-1.0"),
+        (["--ratio", "inf"], "ratio=inf is not valid"),
+        (["--ratio", "-0.5"], "ratio=-0.5"),
+    ],
+)
 def test_cli_thresholds_and_ratios_out_of_range(tmp_path, capsys, args, match):
     assert main(["prune", "--model", "no-model-is-loaded-first", "--out", str(tmp_path / "x"), *args]) == 2
     assert match in cli_error(capsys.readouterr().err)
@@ -107,8 +112,9 @@ def test_a_diffusion_model_in_the_language_tab_says_which_tab(make_unet, tmp_pat
     with pytest.raises(gr.Error, match="someone/sdxl-like is an image model; this comparison is for language"):
         call(studio.compare_text, "someone/sdxl-like", 0.25, "qk", "uniform", "The city", 4, None)
     with pytest.raises(gr.Error, match="is an image model; this comparison is for speech"):
-        call(studio.compare_audio, "someone/sdxl-like", 0.25, "qk", "uniform", None,
-             str(tone(tmp_path / "a.wav")), None)
+        call(
+            studio.compare_audio, "someone/sdxl-like", 0.25, "qk", "uniform", None, str(tone(tmp_path / "a.wav")), None
+        )
     assert main(["demo", "--model", "sdxl-tiny-random", "--tokens", "50"]) == 2  # the CLI's language-model demo
     assert "is a diffusion model; demo scores WikiText-2 perplexity" in cli_error(capsys.readouterr().err)
 
@@ -121,8 +127,17 @@ def test_a_model_without_supported_attention(tmp_path, capsys):
     assert status.startswith("**Cannot load `mlp`**") and "has no supported attention module" in status
     assert not any(p["visible"] for p in (text_panel, audio_panel, image_panel))
     folder = tmp_path / "opt"
-    OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                             word_embed_proj_dim=16, max_position_embeddings=32)).save_pretrained(folder)
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(folder)
     assert main(["prune", "--model", str(folder), "--ratio", "0.5", "--out", str(tmp_path / "out")]) == 2
     err = cli_error(capsys.readouterr().err)
     assert "OPTForCausalLM has no supported attention module; supported classes: GPT2Attention" in err
@@ -131,16 +146,16 @@ def test_a_model_without_supported_attention(tmp_path, capsys):
 
 def test_empty_image_prompt_and_steps():
     with pytest.raises(ValueError, match="prompt is empty; describe the image"):
-        cs.make_image(None, None, "   ", 0, 3)
+        outputs.make_image(None, None, "   ", 0, 3)
     with pytest.raises(ValueError, match="steps=0 must be between 1 and 50"):
-        cs.make_image(None, None, "a barn", 0, 0)
+        outputs.make_image(None, None, "a barn", 0, 0)
 
 
 def test_audio_that_is_not_audio_names_the_file_not_the_server_folder(tmp_path):
     junk = tmp_path / "junk.wav"
     junk.write_bytes(os.urandom(3000))
     with pytest.raises(ValueError, match=r"^junk\.wav is not an audio file .*use WAV, FLAC, OGG or MP3") as e:
-        cs.read_audio(junk)
+        outputs.read_audio(junk)
     assert str(tmp_path) not in str(e.value)
 
 
@@ -156,11 +171,11 @@ def test_silent_audio_is_refused_before_any_model_runs(tmp_path):
 def test_audio_size_cap_and_wrong_rate_or_stereo(tmp_path, monkeypatch):
     stereo = tone(tmp_path / "stereo.wav", seconds=1.5, sr=44100, channels=2)
     assert app.launch_options()["max_file_size"] == "10mb"  # the server refuses larger uploads (tested below)
-    samples = cs.read_audio(stereo)  # stereo 44.1 kHz -> mono 16 kHz
+    samples = outputs.read_audio(stereo)  # stereo 44.1 kHz -> mono 16 kHz
     assert samples.dtype == np.float32 and samples.shape == (24000,) and np.abs(samples).max() > 0.25
-    monkeypatch.setattr(cs, "MAX_AUDIO_BYTES", stereo.stat().st_size - 1)
+    monkeypatch.setattr(outputs, "MAX_AUDIO_BYTES", stereo.stat().st_size - 1)
     with pytest.raises(ValueError, match=r"stereo\.wav is 0\.\d MB, over the cap of .* MB"):
-        cs.read_audio(stereo)
+        outputs.read_audio(stereo)
 
 
 def _checkpoint_with(saved: Path, **changes) -> Path:
@@ -180,19 +195,32 @@ def _ranks(saved: Path, module_ranks) -> dict:
     return dict(clover, ranks={"transformer.h.0.attn": module_ranks})
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda s: {"architectures": ["LlamaForCausalLM"]}, "names architecture LlamaForCausalLM but model_type 'gpt2'"),
-    (lambda s: {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper"},
-     "lists ranks for 'transformer.h.0.attn', which the model does not have"),
-    (lambda s: {"architectures": ["os.system"]}, "names architecture 'os.system', which transformers does not"),
-    (lambda s: {"n_embd": 50}, "does not describe a valid GPT2LMHeadModel"),
-    (lambda s: {"clover": _ranks(s, {"qk": [4, 4, 4]})}, r"name pairs \['qk'\], but the module has \['qk', 'vo'\]"),
-    (lambda s: {"clover": _ranks(s, {"qk": [99, 99, 99], "vo": [16] * 3})}, r"expected 3 integers in 0\.\.16"),
-    (lambda s: {"clover": _ranks(s, {"qk": "8", "vo": [16] * 3})}, r"\(qk\) are '8'"),
-    (lambda s: {"clover": dict(json.loads((s / "config.json").read_text())["clover"], ranks=[1])},
-     "clover.ranks is a list"),
-    (lambda s: {"n_positions": 32}, r"transformer\.wpe\.weight has shape \(64, 48\) but the config implies \(32, 48\)"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            lambda s: {"architectures": ["LlamaForCausalLM"]},
+            "names architecture LlamaForCausalLM but model_type 'gpt2'",
+        ),
+        (
+            lambda s: {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper"},
+            "lists ranks for 'transformer.h.0.attn', which the model does not have",
+        ),
+        (lambda s: {"architectures": ["os.system"]}, "names architecture 'os.system', which transformers does not"),
+        (lambda s: {"n_embd": 50}, "does not describe a valid GPT2LMHeadModel"),
+        (lambda s: {"clover": _ranks(s, {"qk": [4, 4, 4]})}, r"name pairs \['qk'\], but the module has \['qk', 'vo'\]"),
+        (lambda s: {"clover": _ranks(s, {"qk": [99, 99, 99], "vo": [16] * 3})}, r"expected 3 integers in 0\.\.16"),
+        (lambda s: {"clover": _ranks(s, {"qk": "8", "vo": [16] * 3})}, r"\(qk\) are '8'"),
+        (
+            lambda s: {"clover": dict(json.loads((s / "config.json").read_text())["clover"], ranks=[1])},
+            "clover.ranks is a list",
+        ),
+        (
+            lambda s: {"n_positions": 32},
+            r"transformer\.wpe\.weight has shape \(64, 48\) but the config implies \(32, 48\)",
+        ),
+    ],
+)
 def test_checkpoint_from_another_architecture_or_tampered_is_named(saved, capsys, change, match):
     _checkpoint_with(saved, **change(saved))
     with pytest.raises(ValueError, match=match):
@@ -227,8 +255,11 @@ def test_the_package_never_unpickles():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                if any((n or "").split(".")[0] in {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve",
-                                                   "marshal"} for n in names):
+                if any(
+                    (n or "").split(".")[0]
+                    in {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+                    for n in names
+                ):
                     offenders.append(f"{path.name}:{node.lineno} imports a pickle module")
             if isinstance(node, ast.Call):
                 name, kw = _dotted(node.func), {k.arg: k.value for k in node.keywords}
@@ -237,19 +268,28 @@ def test_the_package_never_unpickles():
                     if not ok:
                         offenders.append(f"{path.name}:{node.lineno} torch.load without weights_only=True")
                 if name in {"np.load", "numpy.load"} and not (
-                        isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False):
+                    isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False
+                ):
                     offenders.append(f"{path.name}:{node.lineno} np.load without allow_pickle=False")
-                if name.endswith("from_pretrained") and "use_safetensors" in kw and not (
-                        isinstance(kw["use_safetensors"], ast.Constant) and kw["use_safetensors"].value is True):
+                if (
+                    name.endswith("from_pretrained")
+                    and "use_safetensors" in kw
+                    and not (isinstance(kw["use_safetensors"], ast.Constant) and kw["use_safetensors"].value is True)
+                ):
                     offenders.append(f"{path.name}:{node.lineno} use_safetensors is not True")
     assert offenders == []
     assert len(_sources()) > 20  # the scan really saw the package
 
 
 def test_no_code_path_trusts_remote_code():
-    trusted = [f"{p.name}:{c.lineno}" for p in _sources() for c in _calls(p) for k in c.keywords
-               if k.arg in {"trust_remote_code", "custom_pipeline"}
-               and not (isinstance(k.value, ast.Constant) and k.value.value in (False, None))]
+    trusted = [
+        f"{p.name}:{c.lineno}"
+        for p in _sources()
+        for c in _calls(p)
+        for k in c.keywords
+        if k.arg in {"trust_remote_code", "custom_pipeline"}
+        and not (isinstance(k.value, ast.Constant) and k.value.value in (False, None))
+    ]
     assert trusted == []
 
 
@@ -271,6 +311,7 @@ def test_a_user_supplied_hub_id_is_loaded_without_remote_code_and_without_pickle
                 if isinstance(result, Exception):
                     raise result
                 return result
+
         return Fake
 
     config = GPT2Config(vocab_size=97, n_positions=32, n_layer=1, n_head=2, n_embd=16)
@@ -279,7 +320,7 @@ def test_a_user_supplied_hub_id_is_loaded_without_remote_code_and_without_pickle
     monkeypatch.setattr(transformers, "AutoModelForCausalLM", recorder(GPT2LMHeadModel(config)))
     monkeypatch.setattr(transformers, "AutoProcessor", recorder(OSError("none")))
     monkeypatch.setattr(transformers, "AutoTokenizer", recorder(OSError("none")))
-    cs.ModelCache(2**30).get("stranger/evil-model")
+    model_cache.ModelCache(2**30).get("stranger/evil-model")
     pipe = SimpleNamespace(unet=make_unet())
     monkeypatch.setattr(models, "_is_diffusion_repo", lambda name, local_only: True)
     monkeypatch.setattr(diffusers, "DiffusionPipeline", recorder(pipe))
@@ -293,18 +334,18 @@ def test_a_user_supplied_hub_id_is_loaded_without_remote_code_and_without_pickle
 
 def test_scratch_names_stay_inside_the_folder_and_sweeps_never_follow_links(make_gpt2, tmp_path):
     for name in ("../../escape", "owner/..", "/abs/path/model", "..\\..\\win"):
-        loaded = cs.ModelCache(2**30, loaders={name: lambda: (make_gpt2(), None)}).get(name)
-        pair = cs.pruned_pair(loaded, cs.Setting(name, 0.5, "qk", "uniform"))
+        loaded = model_cache.ModelCache(2**30, loaders={name: lambda: (make_gpt2(), None)}).get(name)
+        pair = pruning.pruned_pair(loaded, pruning.Setting(name, 0.5, "qk", "uniform"))
         folder = tmp_path / "scratch" / "one"
         folder.mkdir(parents=True, exist_ok=True)
-        archive = cs.export_checkpoint(pair, folder)
+        archive = downloads.export_checkpoint(pair, folder)
         assert archive.parent == folder and archive.is_file()
         with zipfile.ZipFile(archive) as zf:
             assert all(".." not in Path(n).parts and not n.startswith("/") for n in zf.namelist())
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "precious.txt").write_text("keep")
-    scratch = cs.ScratchFolder(tmp_path / "swept", max_age_s=60)
+    scratch = downloads.ScratchFolder(tmp_path / "swept", max_age_s=60)
     link = scratch.root / "link"
     link.symlink_to(outside, target_is_directory=True)
     os.utime(link, (time.time() - 3600,) * 2, follow_symlinks=False)
@@ -333,28 +374,71 @@ cc.save_pruned(cc.prune(model, ratio=0.25), sys.argv[1])
 """
 
 
-def test_a_save_killed_mid_write_leaves_the_old_checkpoint(make_gpt2, tmp_path):
-    old = cc.prune(make_gpt2("3x16"), ratio=0.5, target="both")
-    out = cc.save_pruned(old, tmp_path / "ckpt")
+def kill_while_writing(child: str, *args: Path) -> int:
+    """Run the script ``child`` with ``args``, SIGKILL it (no cleanup runs) once it prints that it is
+    writing, and return its process id."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(out)], stdout=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", child, *map(str, args)], stdout=subprocess.PIPE, env=env, text=True)
     timer = threading.Timer(180, proc.kill)
     timer.start()
     try:
-        assert proc.stdout.readline().strip() == "WRITING"  # the child is inside the weights file
-        proc.kill()  # SIGKILL: no cleanup runs
+        assert proc.stdout.readline().strip() == "WRITING"
+        proc.kill()
         assert proc.wait() == -9
     finally:
         timer.cancel()
         proc.stdout.close()
+    return proc.pid
+
+
+@pytest.mark.slow
+def test_a_save_killed_mid_write_leaves_the_old_checkpoint(make_gpt2, tmp_path):
+    old = cc.prune(make_gpt2("3x16"), ratio=0.5, target="both")
+    out = cc.save_pruned(old, tmp_path / "ckpt")
+    kill_while_writing(CHILD, out)  # the child is inside the weights file
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]
     assert len(leftovers) == 1 and (leftovers[0] / "model.safetensors").stat().st_size == 1000  # half-written
     torch.testing.assert_close(logits(cc.load_pruned(out)), logits(old), **FP32)  # the old one, intact
-    assert checkpoint.is_checkpoint(out) and sorted(p.name for p in tmp_path.iterdir()) == [leftovers[0].name, "ckpt"]
+    assert weights.is_checkpoint(out) and sorted(p.name for p in tmp_path.iterdir()) == [leftovers[0].name, "ckpt"]
     new = cc.prune(make_gpt2("3x16", seed=2), ratio=0.25)
     cc.save_pruned(new, out)  # the next save works, and sweeps the dead save's folder
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     torch.testing.assert_close(logits(cc.load_pruned(out)), logits(new), **FP32)
+
+
+STREAM_CHILD = """
+import sys
+import time
+
+import clover_core.__main__ as cli
+from clover_core.io import safetensors_files
+
+real_add = safetensors_files.ShardWriter.add
+
+
+def slow_add(writer, tensors):
+    real_add(writer, tensors)
+    writer.file.flush()
+    print("WRITING", flush=True)
+    time.sleep(300)
+
+
+safetensors_files.ShardWriter.add = slow_add
+sys.exit(cli.main(["prune", "--model", sys.argv[1], "--ratio", "0.25", "--out", sys.argv[2]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_streaming_prune_leaves_nothing_the_next_save_does_not_sweep(make_gpt2, tmp_path):
+    source = tmp_path / "source"
+    make_gpt2("3x16").save_pretrained(source)  # a safetensors folder: the command line streams it
+    out = tmp_path / "ckpt"
+    pid = kill_while_writing(STREAM_CHILD, source, out)  # the child is writing its first shard
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]
+    assert len(leftovers) == 1 and leftovers[0].startswith(f".ckpt.{pid}.")  # named after the dead process
+    assert main(["prune", "--model", str(source), "--ratio", "0.5", "--out", str(out)]) == 0  # streamed again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "source"]  # the dead prune's folder is gone
+    assert weights.is_checkpoint(out)
 
 
 def fill_disk(monkeypatch) -> None:
@@ -362,7 +446,7 @@ def fill_disk(monkeypatch) -> None:
     (``save_pruned``) and the streaming prune's shard writer (the command line)."""
     import transformers.modeling_utils as mu
 
-    from clover_core import stream
+    from clover_core.io import safetensors_files
 
     def write_half(state, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 100)
@@ -375,7 +459,7 @@ def fill_disk(monkeypatch) -> None:
         raise ENOSPC
 
     monkeypatch.setattr(mu, "safe_save_file", write_half)
-    monkeypatch.setattr(stream.ShardWriter, "add", add_half)
+    monkeypatch.setattr(safetensors_files.ShardWriter, "add", add_half)
 
 
 def test_a_full_disk_keeps_the_old_checkpoint_everywhere(make_gpt2, tmp_path, monkeypatch, capsys):
@@ -432,12 +516,14 @@ def served(tmp_path_factory):
         torch.manual_seed(0)
         return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_layer=1, n_head=2, n_embd=16)), None
 
-    cache = cs.ModelCache(8 * 2**30, loaders={"broken/model": broken, "slow/model": slow})
-    with launched_app(tmp_path_factory.mktemp("scratch"), cache=cache, launch=app.launch_options(),
-                      CLOVER_QUEUE_SIZE="1") as url:
+    cache = model_cache.ModelCache(8 * 2**30, loaders={"broken/model": broken, "slow/model": slow})
+    with launched_app(
+        tmp_path_factory.mktemp("scratch"), cache=cache, launch=app.launch_options(), CLOVER_QUEUE_SIZE="1"
+    ) as url:
         yield SimpleNamespace(url=url, cache=cache, gate=gate)
 
 
+@pytest.mark.server
 def test_a_failed_load_leaves_the_session_usable(served):
     client = Client(served.url, verbose=False)
     status, *_ = client.predict("broken/model", api_name="/load_model")
@@ -449,14 +535,16 @@ def test_a_failed_load_leaves_the_session_usable(served):
     assert "broken/model" not in served.cache.names() and served.cache._loading == {}
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_two_sessions_with_different_settings_do_not_see_each_other(served):
     loaded = served.cache.get(LM)
     before = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in loaded.model.parameters())).hexdigest()
     prompt, settings = "The history of", {"a": 0.25, "b": 0.75}
     reference = {}
     for user, ratio in settings.items():  # single-user results, computed in this process
-        pair = cs.pruned_pair(loaded, cs.Setting(LM, ratio, "both", "uniform"))
-        reference[user] = cs.complete_text(pair.clover, loaded.processor, prompt, 8)
+        pair = pruning.pruned_pair(loaded, pruning.Setting(LM, ratio, "both", "uniform"))
+        reference[user] = outputs.complete_text(pair.clover, loaded.processor, prompt, 8)
     assert reference["a"] != reference["b"]  # otherwise cross-talk could not show
     clients = {user: Client(served.url, verbose=False) for user in settings}
     for _ in range(2):
@@ -467,6 +555,7 @@ def test_two_sessions_with_different_settings_do_not_see_each_other(served):
     assert after == before  # the shared model is only read
 
 
+@pytest.mark.server
 def test_a_full_queue_turns_new_requests_away_with_a_busy_message(served):
     from gradio_client.utils import Status
 
@@ -481,9 +570,10 @@ def test_a_full_queue_turns_new_requests_away_with_a_busy_message(served):
     try:
         with pytest.raises(Exception, match="Queue is full"):
             users[2].predict(LM, api_name="/load_model")
-        response = httpx.post(f"{served.url}gradio_api/queue/join",
-                              json={"data": [LM], "fn_index": 0, "session_hash": "stranger", "event_data": None,
-                                    "trigger_id": None})
+        response = httpx.post(
+            f"{served.url}gradio_api/queue/join",
+            json={"data": [LM], "fn_index": 0, "session_hash": "stranger", "event_data": None, "trigger_id": None},
+        )
         assert response.status_code == 503 and "Queue is full. Max size is 1" in response.json()["detail"]
     finally:
         served.gate.release.set()
@@ -492,10 +582,11 @@ def test_a_full_queue_turns_new_requests_away_with_a_busy_message(served):
     assert users[2].predict(LM, api_name="/load_model")[0].startswith(f"**{LM}**")  # served again once free
 
 
+@pytest.mark.server
 def test_uploads_over_the_cap_and_odd_files_are_refused(served, tmp_path):
     client = Client(served.url, verbose=False)
     big = tmp_path / "big.wav"
-    big.write_bytes(b"\0" * (cs.MAX_AUDIO_BYTES + 2**20))
+    big.write_bytes(b"\0" * (outputs.MAX_AUDIO_BYTES + 2**20))
     with pytest.raises(ValueError, match="exceeds the maximum file size of 10485760 bytes"):  # the client checks
         client.predict("whisper-tiny.en", 0.0, "vo", "uniform", None, handle_file(str(big)), api_name="/compare_audio")
     with big.open("rb") as f:  # and so does the server, for callers that do not
@@ -508,8 +599,18 @@ def test_uploads_over_the_cap_and_odd_files_are_refused(served, tmp_path):
     assert "/tmp" not in str(e.value) and "gradio" not in str(e.value)
 
 
-@pytest.mark.parametrize("path", ["/etc/passwd", "../../../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd",
-                                  "..%2f..%2f..%2fetc%2fpasswd", "{scratch}/../../../etc/passwd", str(ROOT / "app.py")])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/passwd",
+        "../../../../etc/passwd",
+        "%2e%2e/%2e%2e/etc/passwd",
+        "..%2f..%2f..%2fetc%2fpasswd",
+        "{scratch}/../../../etc/passwd",
+        str(ROOT / "app.py"),
+    ],
+)
+@pytest.mark.server
 def test_downloads_are_served_only_from_the_app_folders(served, path):
     import tempfile
 

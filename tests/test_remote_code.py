@@ -18,11 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clover_core as cc
-from clover_core.prune import pruning_record
+from clover_core.record import pruning_record
 
 from . import remote_child
 from .conftest import unet_inputs
 from .tolerances import FP32
+
+pytestmark = [pytest.mark.slow]
 
 FEATS = torch.randn(1, 8, 40, generator=torch.Generator().manual_seed(3))
 DEC_IDS = torch.tensor([[1, 5, 7, 9, 11]])
@@ -68,11 +70,15 @@ def prepare(name: str, case: Case, request, work: Path) -> tuple[dict, dict]:
     inputs = inputs_for(case.family)
     expected = remote_child.outputs(case.family, reference, inputs)
     forward = remote_child.CHECKS[case.family][0]
-    (key, unpruned), = forward(original, inputs).items()
+    ((key, unpruned),) = forward(original, inputs).items()
     assert not torch.allclose(unpruned.float(), expected[key].float(), **FP32), f"{name}: pruning changed nothing"
     save_file({k: v.contiguous() for k, v in inputs.items()}, work / f"{name}.inputs.safetensors")
-    job = {"family": case.family, "folder": str(folder), "inputs": str(work / f"{name}.inputs.safetensors"),
-           "outputs": str(work / f"{name}.outputs.safetensors")}
+    job = {
+        "family": case.family,
+        "folder": str(folder),
+        "inputs": str(work / f"{name}.inputs.safetensors"),
+        "outputs": str(work / f"{name}.outputs.safetensors"),
+    }
     return job, expected
 
 
@@ -83,10 +89,20 @@ def run_child(jobs: dict, work: Path) -> dict:
     script = shutil.copy(remote_child.__file__, child_dir / "remote_child.py")
     (work / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(work / "modules"), HF_HOME=str(work / "hf"),
-               OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same reduction order as this process
-    done = subprocess.run([sys.executable, "-I", str(script), str(work / "jobs.json"), str(work / "report.json")],
-                          cwd=child_dir, env=env, capture_output=True, text=True, timeout=600)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_MODULES_CACHE=str(work / "modules"),
+        HF_HOME=str(work / "hf"),
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
+    )  # the same reduction order as this process
+    done = subprocess.run(
+        [sys.executable, "-I", str(script), str(work / "jobs.json"), str(work / "report.json")],
+        cwd=child_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((work / "report.json").read_text())
 
@@ -119,13 +135,16 @@ def test_pruned_folders_load_without_clover_core(request, tmp_path):
     report = run_child(jobs, tmp_path / "work")
 
     assert report["clover_core_imported"] is False
-    found = [p for name, case in CASES.items()
-             for p in problems(name, case, report["jobs"][name], expected[name], jobs[name])]
+    found = [
+        p
+        for name, case in CASES.items()
+        for p in problems(name, case, report["jobs"][name], expected[name], jobs[name])
+    ]
     assert not found, "\n\n".join(found)
 
 
 def test_a_folder_resaved_from_the_shipped_class_still_loads_in_clover_core(make_gpt2, tokens, tmp_path):
-    from clover_core.remote.modeling_clover_gpt2 import CloverGPT2LMHeadModel
+    from clover_core.architectures.remote.modeling_clover_gpt2 import CloverGPT2LMHeadModel
 
     pruned = cc.prune(make_gpt2("5x8"), ratio=0.5, target="both", mode="global")
     shipped = CloverGPT2LMHeadModel.from_pretrained(cc.save_pruned(pruned, tmp_path / "ckpt")).eval()
@@ -136,7 +155,7 @@ def test_a_folder_resaved_from_the_shipped_class_still_loads_in_clover_core(make
 
 
 def test_the_shipped_class_refuses_a_folder_without_clover_ranks(make_gpt2, tmp_path):
-    from clover_core.remote.modeling_clover_gpt2 import CloverGPT2LMHeadModel
+    from clover_core.architectures.remote.modeling_clover_gpt2 import CloverGPT2LMHeadModel
 
     make_gpt2().save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="no 'clover' entry"):

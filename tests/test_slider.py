@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import clover_core as cc
-from clover_core.checkpoint import load_pruned, save_pruned
+from clover_core.io.checkpoint import load_pruned, save_pruned
 from clover_core.prune import zero_padding
 
 from .conftest import unet_inputs
@@ -51,11 +51,20 @@ def models(make_gpt2, make_whisper, make_llama, make_unet, tokens):
     sample, t, text, added = unet_inputs()
     return {
         "gpt2": (make_gpt2("3x16"), {"input_ids": tokens}, "both"),
-        "whisper": (make_whisper(), {"input_features": torch.randn(1, 8, 40, generator=torch.Generator().manual_seed(0)),
-                                     "decoder_input_ids": torch.tensor([[1, 5, 7, 9]])}, "both"),
+        "whisper": (
+            make_whisper(),
+            {
+                "input_features": torch.randn(1, 8, 40, generator=torch.Generator().manual_seed(0)),
+                "decoder_input_ids": torch.tensor([[1, 5, 7, 9]]),
+            },
+            "both",
+        ),
         "llama": (make_llama(bias=True), {"input_ids": tokens}, "vo"),
-        "unet": (make_unet(), dict(sample=sample, timestep=t, encoder_hidden_states=text,
-                                   added_cond_kwargs=added), "both"),
+        "unet": (
+            make_unet(),
+            dict(sample=sample, timestep=t, encoder_hidden_states=text, added_cond_kwargs=added),
+            "both",
+        ),
     }
 
 
@@ -92,8 +101,12 @@ def test_uniform_clover_weights_are_views_of_the_decomposition(make_gpt2, tokens
     slid = cc.Slider(dec)(0.5, target="both") if how == "slider" else cc.prune(dec, 0.5, "both", share_weights=True)
     for name, md in dec.modules.items():
         module = slid.get_submodule(name)
-        for proj, pair, side in ((module.q_proj, "qk", "a"), (module.k_proj, "qk", "b"), (module.v_proj, "vo", "a"),
-                                 (module.c_proj, "vo", "b")):
+        for proj, pair, side in (
+            (module.q_proj, "qk", "a"),
+            (module.k_proj, "qk", "b"),
+            (module.v_proj, "vo", "a"),
+            (module.c_proj, "vo", "b"),
+        ):
             factor = getattr(md.pairs[pair], side)
             assert proj.weight.untyped_storage().data_ptr() == factor.untyped_storage().data_ptr(), (name, pair)
         assert module.q_proj.weight.shape == (48, 3 * 8)  # d = 48; 3 heads keep 8 of 16 directions
@@ -145,8 +158,9 @@ def test_rank_major_storage_keeps_the_values_and_is_made_once(make_gpt2):
     assert pd.a is a  # already converted: no second copy
 
 
-@pytest.mark.parametrize("mode,values", [("global", (0.3, 0.6, 0.35, 0.9, 0.0, 0.5)),
-                                         ("threshold", (0.05, 0.2, 0.01, 0.5, 0.1))])
+@pytest.mark.parametrize(
+    "mode,values", [("global", (0.3, 0.6, 0.35, 0.9, 0.0, 0.5)), ("threshold", (0.05, 0.2, 0.01, 0.5, 0.1))]
+)
 def test_ragged_moves_update_one_buffer_in_place(make_gpt2, tokens, mode, values):
     """Global / threshold moves both ways: each equals prune(), and every move rewrites the same
     zero-padded buffers (only the columns that changed) instead of allocating new weights."""
@@ -166,7 +180,9 @@ def test_ragged_moves_update_one_buffer_in_place(make_gpt2, tokens, mode, values
         padding = past_rank(ranks, a.shape[-1])
         padded += int(padding.any())
         assert not a.abs().sum(1)[padding].any()  # the zeroed side: Q (as narrow as K, and first)
-        unwritten += int(padding.any() and b.abs().sum(1)[padding].all())  # K's columns are the decomposition's, never written
+        unwritten += int(
+            padding.any() and b.abs().sum(1)[padding].all()
+        )  # K's columns are the decomposition's, never written
     assert len(storages) == 2  # Q's buffer and K's stacked factors, whatever the ranks
     assert padded and unwritten == padded
 

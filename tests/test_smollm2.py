@@ -15,11 +15,14 @@ import torch
 from transformers import LlamaForCausalLM
 
 from clover_core import decompose, load_model, prune
-from clover_core import gguf_models as gm
 from clover_core.data import hamlet_ids
 from clover_core.metrics import perplexity
+from clover_core.zoo import gguf as gm
 
+from .helpers import logits
 from .tolerances import FP32
+
+pytestmark = [pytest.mark.real_weights, pytest.mark.slow]
 
 NAME = "smollm2-135m"
 
@@ -39,11 +42,6 @@ def smollm2_dec(smollm2):
     return decompose(smollm2[1])
 
 
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 def short_input(tokenizer):
     return hamlet_ids(tokenizer, 24)[None]  # (1, 24)
 
@@ -53,8 +51,13 @@ def test_converted_model_is_smollm2_in_float32(smollm2):
     assert gm.cache_is_valid(folder, gm.SMOLLM2_135M.fingerprint())
     assert isinstance(model, LlamaForCausalLM) and not hasattr(model.config, "quantization_config")
     cfg = model.config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.head_dim) == (30, 576, 9, 3, 64)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
+        30,
+        576,
+        9,
+        3,
+        64,
+    )
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert tokenizer.pad_token == "<|im_end|>" and tokenizer.chat_template
@@ -89,7 +92,7 @@ def test_chat_generation_answers(smollm2):
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
 
 
 def test_vo_prune_ratio_zero_reproduces_logits(smollm2, smollm2_dec):

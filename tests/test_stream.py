@@ -9,19 +9,17 @@ from safetensors.torch import load_file
 
 import clover_core as cc
 from clover_core.__main__ import main
-from clover_core.decompose import orthogonalize
+from clover_core.io.stream import stream_prune
+from clover_core.orthogonalize import orthogonalize
 from clover_core.prune import PruneConfig, select_columns
-from clover_core.stream import stream_prune
 
 from .conftest import unet_inputs
+from .helpers import assert_same_checkpoint, logits
 from .tolerances import FP32, SAME_MATH, SAME_MATH_FP16
 
-engine = importlib.import_module("clover_core.decompose")  # the module (the package re-exports a function of that name)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
+engine = importlib.import_module(
+    "clover_core.orthogonalize"
+)  # the module (the package re-exports a function of that name)
 
 
 def sharded(model, path):
@@ -31,27 +29,16 @@ def sharded(model, path):
     return path
 
 
-def assert_same_checkpoint(a, b, ids):
-    ma, mb = cc.load_pruned(a), cc.load_pruned(b)
-    assert ma.config.clover == mb.config.clover
-    sa, sb = ma.state_dict(), mb.state_dict()
-    assert sa.keys() == sb.keys()
-    half = any(t.dtype == torch.float16 for t in sa.values())
-    tol = SAME_MATH_FP16 if half else SAME_MATH
-    for key in sa:
-        assert sa[key].dtype == sb[key].dtype, key
-        torch.testing.assert_close(sa[key], sb[key], **tol, msg=key)
-    torch.testing.assert_close(logits(ma.float(), ids), logits(mb.float(), ids), **tol)
-
-
-@pytest.mark.parametrize("mode,kw", [("uniform", dict(ratio=0.5)), ("global", dict(ratio=0.6)),
-                                     ("threshold", dict(threshold=0.5))])
+@pytest.mark.parametrize(
+    "mode,kw", [("uniform", dict(ratio=0.5)), ("global", dict(ratio=0.6)), ("threshold", dict(threshold=0.5))]
+)
 def test_streamed_gpt2_equals_the_in_memory_route(make_gpt2, tokens, tmp_path, mode, kw):
     src = sharded(make_gpt2("5x8"), tmp_path / "src")
     model = cc.load_model(src).model
     expected = cc.save_pruned(cc.prune(model, target="both", mode=mode, **kw), tmp_path / "memory")
-    out, skeleton = stream_prune(src, tmp_path / "stream", PruneConfig(target="both", mode=mode, **kw),
-                                 max_shard_size="30KB")
+    out, skeleton = stream_prune(
+        src, tmp_path / "stream", PruneConfig(target="both", mode=mode, **kw), max_shard_size="30KB"
+    )
     assert len(list(out.glob("model-*.safetensors"))) > 1  # written in shards
     assert next(skeleton.parameters()).is_meta  # the model never existed in memory
     assert cc.metrics.parameter_count(skeleton) == cc.metrics.parameter_count(cc.load_pruned(out))
@@ -71,8 +58,9 @@ def test_streamed_llama_gqa_vo_global_equals_the_in_memory_route(make_llama, tmp
 
 def test_streamed_dtype_cast(make_gpt2, tokens, tmp_path):
     src = sharded(make_gpt2("3x16"), tmp_path / "src")
-    expected = cc.save_pruned(cc.prune(cc.load_model(src).model, ratio=0.25, target="vo"), tmp_path / "memory",
-                              dtype=torch.float16)
+    expected = cc.save_pruned(
+        cc.prune(cc.load_model(src).model, ratio=0.25, target="vo"), tmp_path / "memory", dtype=torch.float16
+    )
     out, _ = stream_prune(src, tmp_path / "stream", PruneConfig(ratio=0.25, target="vo"), dtype=torch.float16)
     assert {t.dtype for f in out.glob("*.safetensors") for t in load_file(f).values()} == {torch.float16}
     assert_same_checkpoint(expected, out, tokens)
@@ -117,6 +105,7 @@ def assert_same_unet(a, b):
     torch.testing.assert_close(out_a, out_b, **tol)
 
 
+@pytest.mark.slow
 def test_streamed_diffusers_unet_equals_the_in_memory_route(make_unet, tmp_path):
     """A sharded diffusers model (``diffusion_pytorch_model-*`` behind its index) streams, and is
     written back in that layout."""
@@ -124,8 +113,12 @@ def test_streamed_diffusers_unet_equals_the_in_memory_route(make_unet, tmp_path)
     assert (tmp_path / "src" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     model = cc.load_model(tmp_path / "src").model
     expected = cc.save_pruned(cc.prune(model, ratio=0.5, target="both", mode="global"), tmp_path / "memory")
-    out, skeleton = stream_prune(tmp_path / "src", tmp_path / "stream",
-                                 PruneConfig(ratio=0.5, target="both", mode="global"), max_shard_size="60KB")
+    out, skeleton = stream_prune(
+        tmp_path / "src",
+        tmp_path / "stream",
+        PruneConfig(ratio=0.5, target="both", mode="global"),
+        max_shard_size="60KB",
+    )
     assert (out / "diffusion_pytorch_model.safetensors.index.json").is_file()
     assert len(list(out.glob("diffusion_pytorch_model-*.safetensors"))) > 1
     assert not list(out.glob("model*.safetensors*"))  # the layout it came in
@@ -143,8 +136,19 @@ def test_cli_streams_a_diffusers_model_saved_in_one_file(make_unet, tmp_path, ca
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     expected = cc.save_pruned(cc.prune(unet, ratio=0.25, target="qk"), tmp_path / "memory", dtype=torch.float16)
     out = tmp_path / "pruned"
-    argv = ["prune", "--model", str(tmp_path / "unet"), "--ratio", "0.25", "--target", "qk", "--dtype", "float16",
-            "--out", str(out)]
+    argv = [
+        "prune",
+        "--model",
+        str(tmp_path / "unet"),
+        "--ratio",
+        "0.25",
+        "--target",
+        "qk",
+        "--dtype",
+        "float16",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "streamed module by module" in printed and "KV-cache" not in printed  # a UNet keeps no cache
@@ -152,10 +156,11 @@ def test_cli_streams_a_diffusers_model_saved_in_one_file(make_unet, tmp_path, ca
     assert_same_unet(expected, out)
 
 
+@pytest.mark.slow
 def test_cli_streams_a_pipelines_unet_and_reads_nothing_else(tmp_path, capsys, monkeypatch):
     from diffusers import DiffusionPipeline
 
-    unet, pipe = cc.models.sdxl_tiny_random()
+    unet, pipe = cc.zoo.sdxl_tiny_random()
     pipe.save_pretrained(tmp_path / "pipe")
     expected = cc.save_pruned(cc.prune(unet, ratio=0.5, target="vo", mode="global"), tmp_path / "memory")
 
@@ -164,20 +169,41 @@ def test_cli_streams_a_pipelines_unet_and_reads_nothing_else(tmp_path, capsys, m
 
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", refuse)
     out = tmp_path / "pruned"
-    argv = ["prune", "--model", str(tmp_path / "pipe"), "--ratio", "0.5", "--mode", "global", "--target", "vo",
-            "--out", str(out)]
+    argv = [
+        "prune",
+        "--model",
+        str(tmp_path / "pipe"),
+        "--ratio",
+        "0.5",
+        "--mode",
+        "global",
+        "--target",
+        "vo",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "saved the pipeline's UNet" in capsys.readouterr().out
     assert (out / "diffusion_pytorch_model.safetensors").is_file() and not (out / "model_index.json").exists()
     assert_same_unet(expected, out)
 
 
-@pytest.mark.parametrize("config,message", [
-    ({"_class_name": "Nope"}, "names _class_name='Nope', which is not a diffusers model class"),
-    ({"_class_name": "UNet2DConditionModel", "down_block_types": ["Nope"], "up_block_types": ["Nope"],
-      "block_out_channels": [32]}, "config.json does not describe a valid UNet2DConditionModel"),
-    ({"_class_name": "UNet2DConditionModel"}, "the checkpoint lacks 686 tensors the model needs"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"_class_name": "Nope"}, "names _class_name='Nope', which is not a diffusers model class"),
+        (
+            {
+                "_class_name": "UNet2DConditionModel",
+                "down_block_types": ["Nope"],
+                "up_block_types": ["Nope"],
+                "block_out_channels": [32],
+            },
+            "config.json does not describe a valid UNet2DConditionModel",
+        ),
+        ({"_class_name": "UNet2DConditionModel"}, "the checkpoint lacks 686 tensors the model needs"),
+    ],
+)
 def test_a_broken_diffusers_folder_is_named_before_anything_is_written(config, message, tmp_path, capsys):
     import json
 
@@ -199,6 +225,7 @@ def read_json(path):
 
 # The decomposition routes: Gram (two GEMM passes) for ordinary heads, Householder QR for the rest.
 
+
 def ill_conditioned(g=3, m=40, k=8, cond=1e5, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(g, m, k, generator=gen, dtype=torch.float64))
@@ -209,7 +236,7 @@ def ill_conditioned(g=3, m=40, k=8, cond=1e5, seed=0):
 
 def check_exact(a, b):
     a2, b2, s = orthogonalize(a, b)
-    product = (a.double() @ b.double().mT)
+    product = a.double() @ b.double().mT
     err = (a2.double() @ b2.double().mT - product).norm(dim=(1, 2)) / product.norm(dim=(1, 2))
     assert err.max() < 1e-5
     ref = torch.linalg.svdvals(product)[:, : a.shape[2]]
@@ -278,6 +305,7 @@ def test_shared_weights_are_shared_and_give_the_same_model(make_gpt2, tokens):
     torch.testing.assert_close(logits(shared, tokens), logits(copied, tokens), **SAME_MATH)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard_size", [None, "40KB"])
 def test_cli_streams_variant_weights_as_it_streams_plain_ones(make_unet, tmp_path, shard_size):
     """A UNet saved with ``variant="fp16"`` (one file or shards behind the variant's index) streams to the
@@ -287,10 +315,22 @@ def test_cli_streams_variant_weights_as_it_streams_plain_ones(make_unet, tmp_pat
     unet.save_pretrained(tmp_path / "plain", **kw)
     unet.save_pretrained(tmp_path / "variant", variant="fp16", **kw)
     assert not {"diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"} & {
-        p.name for p in (tmp_path / "variant").iterdir()}
+        p.name for p in (tmp_path / "variant").iterdir()
+    }
     for src in ("plain", "variant"):
-        argv = ["prune", "--model", str(tmp_path / src), "--ratio", "0.5", "--mode", "global", "--target", "both",
-                "--out", str(tmp_path / f"out-{src}")]
+        argv = [
+            "prune",
+            "--model",
+            str(tmp_path / src),
+            "--ratio",
+            "0.5",
+            "--mode",
+            "global",
+            "--target",
+            "both",
+            "--out",
+            str(tmp_path / f"out-{src}"),
+        ]
         assert main(argv) == 0
     a, b = (load_file(tmp_path / f"out-{src}" / "diffusion_pytorch_model.safetensors") for src in ("plain", "variant"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float16 for k in a)
@@ -326,12 +366,13 @@ def hub_cache(tmp_path, monkeypatch):
     assert attempts == []
 
 
+@pytest.mark.slow
 def test_a_cached_hub_pipeline_streams_its_unet_and_records_the_hub_id(hub_cache, tmp_path, capsys, monkeypatch):
     from diffusers import DiffusionPipeline
 
-    from clover_core.stream import streamable
+    from clover_core.io.stream import streamable
 
-    pipe = cc.models.sdxl_tiny_random()[1]
+    pipe = cc.zoo.sdxl_tiny_random()[1]
     snapshot = cache_snapshot(hub_cache, "someone/tiny-sdxl", pipe.save_pretrained)
     assert streamable("someone/tiny-sdxl") == snapshot / "unet"
     assert streamable("someone/not-cached") is None and streamable("not a repo id!") is None
@@ -350,7 +391,7 @@ def test_a_cached_hub_pipeline_streams_its_unet_and_records_the_hub_id(hub_cache
 
 
 def test_a_cached_sharded_hub_model_streams_unless_a_shard_is_missing(hub_cache, make_gpt2, tokens, tmp_path):
-    from clover_core.stream import streamable
+    from clover_core.io.stream import streamable
 
     model = make_gpt2()
     snapshot = cache_snapshot(hub_cache, "someone/tiny-gpt2", lambda folder: sharded(model, folder))
@@ -370,8 +411,19 @@ def test_cli_streams_single_file_language_and_speech_models(make_gpt2, make_whis
     gpt2, whisper = make_gpt2(), make_whisper()
     for name, model in (("gpt2", gpt2), ("whisper", whisper)):
         model.save_pretrained(tmp_path / name)
-        argv = ["prune", "--model", str(tmp_path / name), "--ratio", "0.5", "--mode", "global", "--target", "both",
-                "--out", str(tmp_path / f"{name}-out")]
+        argv = [
+            "prune",
+            "--model",
+            str(tmp_path / name),
+            "--ratio",
+            "0.5",
+            "--mode",
+            "global",
+            "--target",
+            "both",
+            "--out",
+            str(tmp_path / f"{name}-out"),
+        ]
         assert main(argv) == 0
         printed = capsys.readouterr()
         assert "streamed module by module" in printed.out
@@ -386,8 +438,7 @@ def test_cli_streams_single_file_language_and_speech_models(make_gpt2, make_whis
     torch.testing.assert_close(got, expected, **SAME_MATH)
 
 
-def test_cli_spectra_of_a_folder_reads_one_module_at_a_time(make_gpt2, make_whisper, make_llama, tmp_path,
-                                                            monkeypatch):
+def test_cli_spectra_of_a_folder_reads_one_module_at_a_time(make_gpt2, make_whisper, make_llama, tmp_path, monkeypatch):
     """``spectra --model DIR`` streams (no model is ever loaded) and writes ``cc.spectra(model)``."""
     import json
 

@@ -8,13 +8,16 @@ import pytest
 import soundfile as sf
 
 import clover_core as cc
-from clover_core.remote.modeling_clover_whisper import CloverWhisperAttention
+from clover_core.architectures.remote.modeling_clover_whisper import CloverWhisperAttention
 from clover_core.audio import SAMPLE_RATE, bundled_clips, load_audio, transcribe
 from clover_core.metrics import normalize_transcript, word_error_rate
-from clover_core.models import package_dir
-from clover_core.whisper_ct2 import CT2FormatError, load_whisper_ct2, read_ct2, read_ct2_model
+from clover_core.zoo.ct2_format import CT2FormatError, read_ct2, read_ct2_model
+from clover_core.zoo.packages import package_dir
+from clover_core.zoo.whisper_ct2 import load_whisper_ct2
 
 from .tolerances import RESAMPLED_RMS_REL
+
+pytestmark = [pytest.mark.real_weights]
 
 ENGLISH = ("hello_world", "quick_brown_fox")
 
@@ -103,8 +106,9 @@ def test_tiny_en_is_built_from_the_file(tiny_en, tiny_folder):
     assert not model.generation_config.is_multilingual
     assert model.proj_out.weight is model.model.decoder.embed_tokens.weight
     layer = model.model.decoder.layers[1].encoder_attn
-    np.testing.assert_array_equal(layer.v_proj.weight.detach().numpy(),
-                                  raw["decoder/layer_1/attention/linear_1/weight"][384:].astype(np.float32))
+    np.testing.assert_array_equal(
+        layer.v_proj.weight.detach().numpy(), raw["decoder/layer_1/attention/linear_1/weight"][384:].astype(np.float32)
+    )
     assert all(p.dtype.is_floating_point and str(p.dtype) == "torch.float32" for p in model.parameters())
 
 

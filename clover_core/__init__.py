@@ -12,6 +12,7 @@ Public API (re-exported here; no logic in this file)::
 """
 
 from . import finetune
+from .calibrate import CalibrationStats, calibrate, text_batches
 from .decompose import Decomposition, decompose, spectra
 from .io.checkpoint import load_pruned, save_pruned
 from .models import ModelBundle, load_model
@@ -20,6 +21,9 @@ from .prune import PruneConfig, plan, prune
 from .slider import Slider
 
 __all__ = [
+    "CalibrationStats",
+    "calibrate",
+    "text_batches",
     "Decomposition",
     "ModelBundle",
     "PruneConfig",

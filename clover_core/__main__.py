@@ -17,7 +17,8 @@ import torch
 
 from . import metrics
 from .architectures import kind_of
-from .data import wikitext_ids
+from .calibrate import MIN_TOKENS, CalibrationStats, calibrate, text_batches
+from .data import calibration_text, wikitext_ids
 from .decompose import decompose, spectra
 from .io import checkpoint
 from .io.stream import stream_prune, stream_spectra, streamable
@@ -27,6 +28,7 @@ from .prune import PruneConfig, prune
 from .zoo import EMBEDDED
 
 DEFAULT_MODEL = "gpt2-tiny-random"
+CALIBRATION_TOKENS = 4096  # 8 windows of 512: enough for a 135M model
 DEMO_WINDOW = 512  # demo perplexity: windows of this many tokens (or the model's positions), half overlapping
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 USER_ERRORS = (ValueError, TypeError, NotImplementedError, ModuleNotFoundError, OSError)  # OSError: a full disk too
@@ -63,11 +65,23 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ratio", type=float, default=None, help="fraction of directions removed, in [0, 1)")
     p.add_argument("--threshold", type=float, default=None, help="absolute singular-value threshold (mode threshold)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE|default",
+        help="score directions by the activations on a text (a UTF-8 file, or 'default': the bundled Paradise "
+        "Lost) instead of by the weights alone; language models, in memory",
+    )
+    p.add_argument(
+        "--calibration-tokens", type=int, default=CALIBRATION_TOKENS, help="tokens of the calibration text to run"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per job."""
-    parser = argparse.ArgumentParser(prog="python -m clover_core", description="CLOVER attention-head pruning.")
+    prog = Path(sys.argv[0]).name
+    prog = "python -m clover_core" if prog in ("__main__.py", "-c", "") else prog  # or the installed `clover`
+    parser = argparse.ArgumentParser(prog=prog, description="CLOVER attention-head pruning.")
     sub = parser.add_subparsers(dest="command", required=True)
     sp = sub.add_parser(
         "spectra",
@@ -105,14 +119,39 @@ def cmd_spectra(args: argparse.Namespace) -> None:
 
 def _check_prune_args(args: argparse.Namespace) -> PruneConfig:
     """Validate the pruning request before any model is loaded, so bad input fails fast."""
+    if args.calibration is not None:
+        calibration_text(args.calibration)  # a missing or unreadable file fails now
+        if args.calibration_tokens < MIN_TOKENS:
+            raise ValueError(f"--calibration-tokens={args.calibration_tokens} must be at least {MIN_TOKENS}")
     return PruneConfig(
         ratio=args.ratio, target=args.target, method=args.method, mode=args.mode, threshold=args.threshold
     )
 
 
+def _calibration(args: argparse.Namespace, bundle) -> CalibrationStats | None:
+    """The statistics ``--calibration`` asks for (None: data-free), gathered on ``bundle``'s model."""
+    if args.calibration is None:
+        return None
+    kind = kind_of(bundle.model, bundle.processor)
+    if kind != "lm":
+        raise ValueError(
+            f"--calibration takes a text, for language models; {args.model!r} is a {kind} model: calibrate it "
+            "from Python with clover_core.calibrate(model, batches) on its own inputs"
+        )
+    text, name = calibration_text(args.calibration)
+    length = min(DEMO_WINDOW, metrics.position_limit(bundle.model) or DEMO_WINDOW)
+    batches = text_batches(bundle.processor, text, tokens=args.calibration_tokens, length=length)
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    print(f"calibrating on {tokens:,} tokens of {name}")
+    return calibrate(bundle.model, batches, source=f"{name}, {tokens} tokens", progress=True)
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     config = _check_prune_args(args)
     source = streamable(args.model)  # larger than memory, maybe
+    if source is not None and args.calibration is not None:
+        print("calibration runs the whole model: it is loaded into memory, not streamed")
+        source = None
     if source is not None:
         hub_id = None if Path(args.model).is_dir() else args.model  # streamed from the local cache's snapshot
         out, pruned = stream_prune(
@@ -128,8 +167,15 @@ def cmd_prune(args: argparse.Namespace) -> None:
             print(f"saved to {out} (streamed module by module)")
         return
     bundle = load_model(args.model)
+    stats = _calibration(args, bundle)
     pruned = prune(
-        bundle.model, ratio=args.ratio, target=args.target, method=args.method, mode=args.mode, threshold=args.threshold
+        bundle.model,
+        ratio=args.ratio,
+        target=args.target,
+        method=args.method,
+        mode=args.mode,
+        threshold=args.threshold,
+        calibration=stats,
     )
     out = checkpoint.save_pruned(
         pruned, args.out, processor=bundle.processor, dtype=DTYPES[args.dtype] if args.dtype else None
@@ -149,8 +195,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
             f"model={args.model!r} is a {kind} model; demo scores WikiText-2 perplexity, which needs a "
             "language model: use spectra or prune for it"
         )
+    stats = _calibration(args, bundle)
     start = time.perf_counter()
-    dec = decompose(bundle.model, progress=True)
+    dec = decompose(bundle.model, progress=True, calibration=stats)
     print(f"decomposed {len(dec.modules)} attention modules in {time.perf_counter() - start:.2f}s")
     for name, pairs in list(spectra(dec).items())[:2]:
         for pair, s in pairs.items():
@@ -169,7 +216,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     window = min(DEMO_WINDOW, metrics.position_limit(bundle.model) or DEMO_WINDOW)
     print(
         f"\n{args.target} pruning, mode {args.mode}, ratio {args.ratio}, threshold {args.threshold}; "
-        f"perplexity on {ids.numel()} WikiText-2 test tokens (windows of {window}, stride {window // 2})"
+        f"perplexity on {ids.numel()} WikiText-2 test tokens (windows of {window}, stride {window // 2}); "
+        + (f"scores calibrated on {stats.source}" if stats is not None else "data-free scores (the weights alone)")
     )
     for label, model in rows:
         ppl = metrics.perplexity(model, ids, window=window, stride=window // 2, progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -71,3 +72,30 @@ def hamlet_ids(tokenizer, max_tokens: int | None = None) -> torch.Tensor:
         raise ValueError(f"max_tokens={max_tokens} is too small; perplexity needs at least 2 tokens")
     ids = tokenizer(bundled_text("hamlet"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     return ids[:max_tokens]
+
+
+CALIBRATION_DEFAULT = "paradise_lost"  # Milton, not WikiText-2 nor the plays any figure is measured on
+
+
+def calibration_text(spec: str | os.PathLike) -> tuple[str, str]:
+    """The text to calibrate on, and its name for the record: ``"default"`` is the bundled *Paradise
+    Lost* (never an evaluation text here); anything else is a UTF-8 text file.
+
+    Raises:
+        ValueError: the file is missing, a folder, not UTF-8 text, or empty.
+    """
+    if str(spec) == "default":
+        return bundled_text(CALIBRATION_DEFAULT), f"{CALIBRATION_DEFAULT}.txt (bundled)"
+    path = Path(spec)
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not a file"
+        raise ValueError(
+            f"calibration={str(spec)!r} is {what}; pass a UTF-8 text file, or 'default' for the bundled Paradise Lost"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path.name} is not UTF-8 text; calibration reads a plain text file") from None
+    if not text.strip():
+        raise ValueError(f"{path.name} is empty; calibration needs text to run the model on")
+    return text, path.name

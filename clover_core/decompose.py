@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .architectures import Adapter, attention_modules
-from .orthogonalize import NonFiniteFactors, orthogonalize_with_scores
+from .calibrate import CalibrationStats
+from .orthogonalize import NonFiniteFactors, orthogonalize_whitened, orthogonalize_with_scores
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,13 @@ class ModuleDecomposition:
 class Decomposition:
     """A model's attention, orthogonalized once; ``prune`` and ``spectra`` reuse it without any SVD.
 
-    Holds a reference to the (unchanged) model: vanilla pruning reads the original columns from it.
+    Holds a reference to the (unchanged) model: vanilla pruning reads the original columns from it;
+    ``calibration``: the statistics its scores were weighted by (None: data-free).
     """
 
     model: nn.Module
     modules: dict[str, ModuleDecomposition]
+    calibration: CalibrationStats | None = field(default=None, repr=False)
     _originals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _stacks: list[FactorStack] | None = field(default=None, repr=False)  # set by use_rank_major
     _rankings: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
@@ -168,7 +171,12 @@ class FactorStack:
 
 
 def decompose(
-    model: nn.Module, *, dtype: torch.dtype = torch.float32, progress: bool = False, rank_major: bool = False
+    model: nn.Module,
+    *,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    rank_major: bool = False,
+    calibration: CalibrationStats | None = None,
 ) -> Decomposition:
     """Orthogonalize every supported attention module of ``model`` (the model is not modified).
 
@@ -180,6 +188,10 @@ def decompose(
             :class:`~clover_core.Slider` and ``prune(..., share_weights=True)`` read (what
             :meth:`Decomposition.use_rank_major` makes afterwards by copying every factor): the same
             decomposition without that copy, or its second set of factors in memory while it runs.
+        calibration: activation statistics from :func:`clover_core.calibrate`: each pair's directions
+            are then ordered by the error they make on that data (whitened singular values), and
+            vanilla's scores weigh each original dimension by its activations. The factors keep the
+            model's shapes and the decomposition stays exact at full rank.
 
     Returns:
         A reusable :class:`Decomposition`.
@@ -187,19 +199,28 @@ def decompose(
     Raises:
         NotImplementedError: the model has no supported attention module.
         TypeError: not a torch module, non-floating weights or an unsupported ``dtype``.
-        ValueError: weights on the ``meta`` device (not loaded), or NaN / inf in an attention module's
-            weights (the message names the module and pair).
+        ValueError: weights on the ``meta`` device (not loaded), NaN / inf in an attention module's
+            weights (the message names the module and pair), or calibration statistics of another model.
     """
     found = attention_modules(model)
+    if calibration is not None and not isinstance(calibration, CalibrationStats):
+        raise TypeError(
+            f"calibration must come from clover_core.calibrate(model, batches), got {type(calibration).__name__}"
+        )
+    if calibration is not None and set(calibration.inputs) != {name for name, _, _ in found}:
+        raise ValueError(
+            "calibration holds the statistics of another model (its attention modules differ); "
+            "calibrate this model: clover_core.calibrate(model, batches)"
+        )
     stacks, where = _planned_stacks(found) if rank_major else ([], {})
     modules = {
-        name: decompose_module(name, module, adapter, dtype=dtype, out=where.get(name))
+        name: decompose_module(name, module, adapter, dtype=dtype, out=where.get(name), calibration=calibration)
         for name, module, adapter in with_progress(found, progress, "decomposing attention")
     }
     for stack in stacks:
         stack.s = torch.stack([modules[name].pairs[stack.pair].s for name in stack.names])
     log.info("decomposed %d attention modules", len(modules))
-    return Decomposition(model, modules, _stacks=stacks if rank_major else None)
+    return Decomposition(model, modules, _stacks=stacks if rank_major else None, calibration=calibration)
 
 
 def _stack_groups(factors) -> dict[tuple, list[str]]:
@@ -237,6 +258,7 @@ def decompose_module(
     *,
     dtype: torch.dtype = torch.float32,
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    calibration: CalibrationStats | None = None,
 ) -> ModuleDecomposition:
     """Orthogonalize the pairs of ONE attention module (what :func:`decompose` does for each).
 
@@ -246,6 +268,7 @@ def decompose_module(
         dtype: precision of the decomposition.
         out: where to write each pair's rotated factors, ``{pair: (a_out, b_out)}`` (see
             :func:`orthogonalize`); new tensors where absent.
+        calibration: statistics that weigh the pairs they cover (see :func:`decompose`).
 
     Returns:
         The module's :class:`ModuleDecomposition`.
@@ -257,8 +280,12 @@ def decompose_module(
     _check_weights(name, module)
     md = ModuleDecomposition(name, adapter)
     for pair, (a, b) in adapter.factors(module).items():
+        whitening = None if calibration is None else calibration.whitening(name, pair)
         try:
-            a_rot, b_rot, s, vanilla = orthogonalize_with_scores(a, b, dtype, (out or {}).get(pair))
+            if whitening is None:
+                a_rot, b_rot, s, vanilla = orthogonalize_with_scores(a, b, dtype, (out or {}).get(pair))
+            else:
+                a_rot, b_rot, s, vanilla = orthogonalize_whitened(a, b, *whitening, (out or {}).get(pair))
         except NonFiniteFactors:
             label = {"qk": "Q-K", "vo": "V-O"}[pair]
             raise ValueError(

@@ -81,6 +81,49 @@ def orthogonalize_with_scores(
         return _orthogonalize_checked(a, b, dtype, out)
 
 
+def orthogonalize_whitened(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    whiten_a: torch.Tensor,
+    whiten_b: torch.Tensor | None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`orthogonalize_with_scores` for the error measured on data: the product's directions are
+    ordered by the singular values of ``L_a^T (a b^T) L_b`` (``L_b``: identity where None), and the
+    rotated factors are mapped back to the model's own input spaces, so ``a_rot b_rot^T = a b^T`` still
+    holds and keeping the first ``r`` columns is optimal for that error.
+
+    Args:
+        a, b: ``(G, m, k)`` and ``(G, n, k)`` factors.
+        whiten_a: ``(m, m)`` lower-triangular ``L_a`` (the Cholesky factor of side a's input covariance);
+            whiten_b: ``(n, n)`` ``L_b``, or None.
+        out: as in :func:`orthogonalize`.
+
+    Returns:
+        ``(a_rot, b_rot, s, vanilla)``: ``s`` the whitened singular values, ``vanilla`` the calibrated
+        baseline scores ``||L_a^T a_i|| * ||L_b^T b_i||`` (float32); the factors in ``a``'s dtype. The
+        whitening and its inverse run in float64.
+    """
+    _check_factors(a, b, torch.float64)
+    for name, t, w in (("a", a, whiten_a), ("b", b, whiten_b)):
+        if w is not None and w.shape != (t.shape[1], t.shape[1]):
+            raise ValueError(f"the whitening of factor {name} is {tuple(w.shape)}; its factor has {t.shape[1]} rows")
+    if out is not None:
+        _check_out(a, b, out)
+    sides = [(a, whiten_a), (b, whiten_b)]
+    with full_precision_matmuls():
+        white = [x.double() if w is None else w.T.to(x.device, torch.float64) @ x.double() for x, w in sides]
+        a_w, b_w, s, vanilla = _orthogonalize_checked(*white, torch.float64, None)
+        rotated = [
+            x if w is None else torch.linalg.solve_triangular(w.T.to(x.device, torch.float64), x, upper=True)
+            for x, (_, w) in zip((a_w, b_w), sides)
+        ]  # L^-T (L^T x T) = x T: back in the model's own input space
+    a_rot, b_rot = rotated[0].to(a.dtype), rotated[1].to(b.dtype)
+    if out is not None:
+        a_rot, b_rot = out[0].copy_(a_rot), out[1].copy_(b_rot)
+    return a_rot, b_rot, s, vanilla
+
+
 def _orthogonalize_checked(
     a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: tuple[torch.Tensor, torch.Tensor] | None
 ) -> tuple[torch.Tensor, ...]:

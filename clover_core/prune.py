@@ -23,6 +23,7 @@ from transformers.initialization import no_init_weights
 
 from .architectures import Adapter, padded_width
 from .architectures.base import set_attributes
+from .calibrate import CalibrationStats
 from .decompose import PAIRS, Decomposition, ModuleDecomposition, decompose
 from .record import pruning_meta, record
 
@@ -151,6 +152,7 @@ def prune(
     threshold: float | None = None,
     *,
     share_weights: bool = False,
+    calibration: CalibrationStats | None = None,
 ) -> nn.Module:
     """A new, physically smaller model; the input model is left untouched.
 
@@ -171,9 +173,12 @@ def prune(
             ``save_pruned`` writes the usual head-major layout): use it for read-only work
             (evaluation); training or editing either model in place would change both. For an
             interactive ratio slider, :class:`Slider` also reuses the model object.
+        calibration: statistics from :func:`clover_core.calibrate` (data-aware scores for both methods;
+            see :func:`clover_core.decompose`), for a model; a decomposition carries its own.
 
     Returns:
-        The pruned model; ``model.config.clover`` records the method and every head's kept rank.
+        The pruned model; ``model.config.clover`` records the method, every head's kept rank and the
+        calibration.
 
     Raises:
         ValueError: an argument outside what is allowed, or ``ratio`` missing in modes ``uniform`` and
@@ -181,11 +186,15 @@ def prune(
         NotImplementedError: the model has no supported attention module.
     """
     config = PruneConfig(ratio=ratio, target=target, method=method, mode=mode, threshold=threshold)
-    dec = (
-        model_or_dec
-        if isinstance(model_or_dec, Decomposition)
-        else decompose(_as_model(model_or_dec), rank_major=share_weights)
-    )
+    if isinstance(model_or_dec, Decomposition):
+        if calibration is not None and calibration is not model_or_dec.calibration:
+            raise ValueError(
+                "calibration= goes with a model; this decomposition was made with other statistics (or "
+                "none): decompose(model, calibration=stats) once and prune that"
+            )
+        dec = model_or_dec
+    else:
+        dec = decompose(_as_model(model_or_dec), rank_major=share_weights, calibration=calibration)
     return build(dec, plan(dec, config), config, share_weights=share_weights)
 
 
@@ -212,7 +221,7 @@ def build(dec: Decomposition, masks: Plan, config: PruneConfig, *, share_weights
             adopt_config(module, model, new)
             set_submodule(new, name, module)
             ranks[name] = module.clover_ranks
-    record(new, pruning_meta(model, config, ranks))
+    record(new, pruning_meta(model, config, ranks, calibration=dec.calibration))
     log.info("pruned %d attention modules (%s, %s, %s)", len(ranks), config.method, config.mode, config.target)
     return new
 

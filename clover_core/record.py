@@ -18,17 +18,25 @@ from torch import nn
 from .metrics import kv_cache_bytes_per_token, parameter_count
 
 if TYPE_CHECKING:
+    from .calibrate import CalibrationStats
     from .prune import PruneConfig
 
 FORMAT = "clover-studio/1"
 
 
 def pruning_meta(
-    model: nn.Module, config: PruneConfig, ranks: dict[str, dict[str, list[int]]], *, base: dict | None = None
+    model: nn.Module,
+    config: PruneConfig,
+    ranks: dict[str, dict[str, list[int]]],
+    *,
+    base: dict | None = None,
+    calibration: CalibrationStats | None = None,
 ) -> dict:
     """The ``clover`` record of ``model`` pruned by ``config`` to ``ranks``, with the base model and
-    its sizes before pruning (for the model card; ``base`` when already computed for ``model``)."""
+    its sizes before pruning (for the model card; ``base`` when already computed for ``model``) and,
+    for a calibrated prune, what calibrated it (statistic, data, tokens, damping)."""
     base = origin(model, pruning_record(model)) if base is None else base
+    calibrated = {} if calibration is None else {"calibration": calibration.describe()}
     return {
         "format": FORMAT,
         "method": config.method,
@@ -37,6 +45,7 @@ def pruning_meta(
         "ratio": config.ratio,
         "threshold": config.threshold,
         "ranks": ranks,
+        **calibrated,
         **base,
     }
 

@@ -117,7 +117,9 @@ class Slider:
                     md.adapter.load_factors(module, selected, share=True)
                 attach_ranks(module, md.adapter, ranks[name], per_direction)
                 self._loaded[name] = selected, ranks[name]
-        record(self.model, pruning_meta(self.dec.model, config, ranks, base=self._base))
+        record(
+            self.model, pruning_meta(self.dec.model, config, ranks, base=self._base, calibration=self.dec.calibration)
+        )
         return self.model
 
     def _ragged_columns(self, masks: Plan, config: PruneConfig) -> dict[str, Prepared]:

@@ -99,3 +99,49 @@ def test_demo_fits_its_windows_to_the_model(capsys):
     out = capsys.readouterr().out
     assert "(windows of 256, stride 128)" in out
     assert all(f"{label}:" in out for label in ("original", "vanilla", "clover"))
+
+
+def test_prune_calibrated_on_a_text_records_which_text(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("Calibration data is never the text a figure is measured on. " * 30, encoding="utf-8")
+    for calibration, name in (("default", "paradise_lost.txt (bundled), 256 tokens"), (str(text), "notes.txt, 256")):
+        out = tmp_path / f"pruned-{len(name)}"
+        args = ["prune", "--model", "gpt2-tiny-random", "--target", "vo", "--ratio", "0.5", "--out", str(out)]
+        assert main([*args, "--calibration", calibration, "--calibration-tokens", "256"]) == 0
+        record = cc.load_pruned(out).config.clover["calibration"]
+        assert record["data"].startswith(name) and record["statistic"] == "input covariance"
+        assert "calibrating on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "calibration,tokens,match",
+    [
+        ("missing.txt", "4096", "calibration='missing.txt' is not a file"),
+        ("binary", "4096", "is not UTF-8 text"),
+        ("default", "3", "--calibration-tokens=3 must be at least 16"),
+    ],
+)
+def test_bad_calibration_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, calibration, tokens, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00junk")
+    monkeypatch.setattr("clover_core.__main__.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    args = ["prune", "--model", "gpt2-tiny-random", "--ratio", "0.5", "--out", str(tmp_path / "o")]
+    assert main([*args, "--calibration", calibration, "--calibration-tokens", tokens]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_calibrating_a_folder_without_a_tokenizer_says_what_to_do(model_dir, tmp_path, capsys):
+    args = [
+        "prune",
+        "--model",
+        str(model_dir),
+        "--ratio",
+        "0.5",
+        "--calibration",
+        "default",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(args) == 2
+    assert "this model has no tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -48,8 +48,13 @@ def unregister(name: str) -> None:
 
 def adapter_for(module: nn.Module) -> Adapter | None:
     """The adapter for ``module``, or None when it is not a supported attention module."""
-    family = next((f for f in FAMILIES if isinstance(module, f.attention)), None)
+    family = family_for(module)
     return None if family is None else family.adapter
+
+
+def family_for(module: nn.Module) -> Family | None:
+    """The family whose attention class ``module`` is, or None."""
+    return next((f for f in FAMILIES if isinstance(module, f.attention)), None)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:

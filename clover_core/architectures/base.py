@@ -82,6 +82,9 @@ class Family:
         up_projections: MLP block class -> its up-projection's attribute, for CLOVER-FT's ``mlp=True``.
         kv_width: the unpruned model's K + V features one generated token adds to its cache, from its
             config (None: a model that keeps no KV cache).
+        inputs: per pair, the attention module's projections whose inputs the pair's two sides see,
+            ``{pair: (side a, side b)}`` (None for a side in the output space), for calibration: the
+            statistics of those inputs weigh each direction by the activations that flow through it.
     """
 
     name: str
@@ -94,6 +97,7 @@ class Family:
     auto_class: str | None = None
     up_projections: dict[type[nn.Module], str] = field(default_factory=dict)
     kv_width: Callable[[object], int] | None = None
+    inputs: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
 
 def grouped_kv_width(config: object) -> int | None:

@@ -92,4 +92,5 @@ FAMILY = Family(
     kind="diffusion",
     model_class=UNet2DConditionModel,
     remote=RemoteCode("modeling_clover_unet", "CloverUNet2DConditionModel", ("AutoModel",), extra=()),
+    inputs={"qk": ("to_q", "to_k"), "vo": ("to_v", None)},
 )

@@ -98,4 +98,5 @@ FAMILY = Family(
     auto_class="AutoModelForCausalLM",
     up_projections={GPT2MLP: "c_fc"},
     kv_width=lambda config: 2 * config.n_layer * config.n_embd,
+    inputs={"qk": ("c_attn", "c_attn"), "vo": ("c_attn", None)},
 )

@@ -85,4 +85,5 @@ FAMILY = Family(
     auto_class="AutoModelForCausalLM",
     up_projections={LlamaMLP: "up_proj"},
     kv_width=grouped_kv_width,
+    inputs={"vo": ("v_proj", None)},
 )

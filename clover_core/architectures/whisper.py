@@ -77,4 +77,5 @@ FAMILY = Family(
     auto_class="AutoModelForSpeechSeq2Seq",
     up_projections={WhisperEncoderLayer: "fc1", WhisperDecoderLayer: "fc1"},
     kv_width=lambda config: 2 * config.decoder_layers * config.d_model,
+    inputs={"qk": ("q_proj", "k_proj"), "vo": ("v_proj", None)},
 )  # the decoder's self-attention

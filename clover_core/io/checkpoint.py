@@ -152,9 +152,14 @@ def load_processor(name: str, local_only: bool):
     reasons = []
     for auto in (AutoProcessor, AutoTokenizer):
         try:
-            return auto.from_pretrained(name, local_files_only=local_only)
+            processor = auto.from_pretrained(name, local_files_only=local_only)
         except (OSError, ValueError, KeyError, TypeError) as e:
             reasons.append(f"{auto.__name__}: {e}")
+            continue
+        if getattr(processor, "vocab_size", None) == 0:  # built from the config alone: no vocabulary files
+            reasons.append(f"{auto.__name__}: the folder holds no vocabulary")
+            continue
+        return processor
     log.warning("no tokenizer or processor found for %s (%s)", name, "; ".join(reasons))
     return None
 

@@ -84,7 +84,17 @@ def _pruning_table(record: dict) -> str:
             f"| target | {TARGETS.get(record.get('target'), record.get('target'))} |",
             f"| mode | {record.get('mode')} |",
             amount,
+            _calibration_row(record.get("calibration")),
         ]
+    )
+
+
+def _calibration_row(calibration: dict | None) -> str:
+    if not isinstance(calibration, dict):
+        return "| scores | data-free (the weights alone) |"
+    return (
+        f"| scores | calibrated: {calibration.get('statistic')} of {_number(calibration.get('tokens'))} tokens of "
+        f"{calibration.get('data')} (damping {calibration.get('damp')}) |"
     )
 
 

@@ -26,7 +26,7 @@ from plotly.subplots import make_subplots
 
 from clover_core.zoo import EMBEDDED
 from studio import cache as model_cache
-from studio import downloads, heads, outputs
+from studio import calibration, downloads, heads, outputs
 from studio import session as pruning
 
 log = logging.getLogger("clover_studio")
@@ -294,8 +294,13 @@ def results_markdown(pair: pruning.PrunedPair, quality: dict[str, dict[str, floa
         cells += [QUALITY[k][1].format(quality[variant][k]) for k in keys]
         rows.append("| " + " | ".join(cells) + " |")
     s = pair.setting
+    scores = (
+        f"scores calibrated on {calibration.describe(pair.loaded)} (never the data the quality is measured on)"
+        if s.scores == "calibrated"
+        else "data-free scores (the weights alone)"
+    )
     return (
-        f"**{s.model}**: {PAIR_LABEL.get(s.target, 'Q-K and V-O')} pruned, {s.mode}, ratio {s.ratio:g}\n\n"
+        f"**{s.model}**: {PAIR_LABEL.get(s.target, 'Q-K and V-O')} pruned, {s.mode}, ratio {s.ratio:g}; {scores}\n\n"
         + "\n".join(rows)
     )
 
@@ -347,14 +352,17 @@ class Studio:
         target: str,
         mode: str,
         layer: str | None = None,
+        scores: str = "data-free",
         progress=gr.Progress(track_tqdm=True),
     ):
-        """Heatmap of every head's concentration, a layer's singular values, and the kept ranks (no SVD)."""
+        """Heatmap of every head's concentration, a layer's singular values, and the kept ranks (no SVD
+        once the model, and for calibrated scores its calibration, are decomposed)."""
+        setting = _setting(model, ratio, target, mode, scores)  # bad settings: an error message
         try:
             loaded = self.cache.get(model, _progress(progress))
+            dec = calibration.decomposition(loaded, setting.scores, _progress(progress))
         except USER_ERRORS as e:
             return None, None, f"No spectra: {e}"
-        setting, dec = _setting(model, ratio, target, mode), loaded.dec
         ranks = heads.kept_ranks(dec, setting.ratio, setting.target, setting.mode)
         grids = {p: heads.head_grid(dec, p, ranks[p]) for p in dec.pair_types}
         layer = layer if layer in dec.modules else next(iter(dec.modules))
@@ -365,24 +373,31 @@ class Studio:
             ranks_markdown(dec, ranks),
         )
 
-    def prune(self, model: str, ratio: float, target: str, mode: str, state, progress=gr.Progress()):
+    def prune(
+        self, model: str, ratio: float, target: str, mode: str, state, scores="data-free", progress=gr.Progress()
+    ):
         """Vanilla- and CLOVER-pruned models at this setting: sizes and measured quality."""
         try:
             loaded = self.cache.get(model, _progress(progress))
         except USER_ERRORS as e:
             return f"Nothing pruned: {e}", state
-        pair = self._pair(loaded, model, ratio, target, mode, state, progress)
+        pair = self._pair(loaded, model, ratio, target, mode, state, progress, scores)
         return results_markdown(pair, pruning.measure_quality(pair, _progress(progress))), pair
 
-    def compare_text(self, model, ratio, target, mode, prompt, max_new_tokens, state, progress=gr.Progress()):
+    def compare_text(
+        self, model, ratio, target, mode, prompt, max_new_tokens, state, scores="data-free", progress=gr.Progress()
+    ):
         """The same prompt continued greedily by the original, vanilla and CLOVER models."""
-        pair = self._pair(self._loaded(model, "lm", progress), model, ratio, target, mode, state, progress)
+        loaded = self._loaded(model, "lm", progress)
+        pair = self._pair(loaded, model, ratio, target, mode, state, progress, scores)
         out = {
             v: outputs.complete_text(m, pair.loaded.processor, prompt, max_new_tokens) for v, m in pair.models().items()
         }
         return out["original"], out["vanilla"], out["clover"], pair
 
-    def compare_audio(self, model, ratio, target, mode, clip, audio=None, state=None, progress=gr.Progress()):
+    def compare_audio(
+        self, model, ratio, target, mode, clip, audio=None, state=None, scores="data-free", progress=gr.Progress()
+    ):
         """Transcripts of a bundled clip (with word error rates) or of an uploaded / recorded one."""
         from clover_core.audio import bundled_clips
         from clover_core.metrics import word_error_rate
@@ -396,7 +411,8 @@ class Studio:
             samples, reference = outputs.read_audio(clips[clip][0]), clips[clip][1]
         else:
             raise ValueError("no audio: choose a bundled clip, or upload or record one")
-        pair = self._pair(self._loaded(model, "speech", progress), model, ratio, target, mode, state, progress)
+        loaded = self._loaded(model, "speech", progress)
+        pair = self._pair(loaded, model, ratio, target, mode, state, progress, scores)
         out = {v: outputs.transcribe_clip(m, pair.loaded.processor, samples) for v, m in pair.models().items()}
         note = (
             ""
@@ -406,12 +422,14 @@ class Studio:
         )
         return out["original"], out["vanilla"], out["clover"], note, pair
 
-    def compare_images(self, model, ratio, target, mode, prompt, seed, steps, state, progress=gr.Progress()):
+    def compare_images(
+        self, model, ratio, target, mode, prompt, seed, steps, state, scores="data-free", progress=gr.Progress()
+    ):
         """Images of one prompt, seed and scheduler from the original, vanilla and CLOVER UNets."""
         from clover_core.metrics import psnr, ssim
 
         loaded = self._loaded(model, "diffusion", progress)
-        pair = self._pair(loaded, model, ratio, target, mode, state, progress)
+        pair = self._pair(loaded, model, ratio, target, mode, state, progress, scores)
         images = {v: outputs.make_image(loaded.processor, m, prompt, seed, steps) for v, m in pair.models().items()}
         ref = images["original"]
         note = "vs the original: " + ", ".join(
@@ -419,10 +437,11 @@ class Studio:
         )
         return (*[outputs.to_uint8(images[v]) for v in pruning.VARIANTS], note, pair)
 
-    def download(self, model, ratio, target, mode, state, progress=gr.Progress()):
+    def download(self, model, ratio, target, mode, state, scores="data-free", progress=gr.Progress()):
         """The CLOVER-pruned checkpoint (``save_pruned`` folder, zipped); files older than an hour are swept."""
         self.scratch.sweep()
-        pair = self._pair(self.cache.get(model, _progress(progress)), model, ratio, target, mode, state, progress)
+        loaded = self.cache.get(model, _progress(progress))
+        pair = self._pair(loaded, model, ratio, target, mode, state, progress, scores)
         if progress is not None:
             progress(0.9, desc="saving the checkpoint")
         return str(downloads.export_checkpoint(pair, self.scratch.new_dir("checkpoint-"))), pair
@@ -438,15 +457,16 @@ class Studio:
         return loaded
 
     @staticmethod
-    def _pair(loaded, model, ratio, target, mode, state, progress) -> pruning.PrunedPair:
+    def _pair(loaded, model, ratio, target, mode, state, progress, scores="data-free") -> pruning.PrunedPair:
         current = state if isinstance(state, pruning.PrunedPair) else None
-        return pruning.pruned_pair(loaded, _setting(model, ratio, target, mode), current, _progress(progress))
+        setting = _setting(model, ratio, target, mode, scores)
+        return pruning.pruned_pair(loaded, setting, current, _progress(progress))
 
 
-def _setting(model: str, ratio: float, target: str, mode: str) -> pruning.Setting:
+def _setting(model: str, ratio: float, target: str, mode: str, scores: str = "data-free") -> pruning.Setting:
     if ratio is None or not 0 <= float(ratio) <= MAX_RATIO:
         raise ValueError(f"ratio={ratio!r} is outside this app's range 0..{MAX_RATIO}")
-    return pruning.Setting(model, float(ratio), target, mode)
+    return pruning.Setting(model, float(ratio), target, mode, scores or "data-free")
 
 
 def _panels(kind: str | None) -> list[dict]:
@@ -538,6 +558,12 @@ def _controls(ui: SimpleNamespace) -> None:
             value="uniform",
             label="Mode",
         )
+        ui.scores = gr.Radio(
+            [("data-free: the weights alone", "data-free"), ("calibrated: on bundled data", "calibrated")],
+            value="data-free",
+            label="Scores",
+            info="calibrated: weighed by the activations on data the quality is never measured on (once per model)",
+        )
     ui.results = gr.Markdown(elem_id="results")
 
 
@@ -584,6 +610,7 @@ def _wire(demo: gr.Blocks, studio: Studio, ui: SimpleNamespace) -> None:
     """Events: heavy work runs one at a time ("engine"); the slider acts on release, never while dragged."""
     setting, engine = [ui.model, ui.ratio, ui.target, ui.mode], {"concurrency_id": "engine", "concurrency_limit": 1}
     spectra_out, prune_out = [ui.heatmap, ui.curves, ui.ranks], [ui.results, ui.state]
+    scores = [ui.scores]  # last in every list: the API's older calls without it keep working (data-free)
     spectra, prune = wire(studio.spectra), wire(studio.prune)
     loading = gr.on(
         [demo.load, ui.model.input],
@@ -594,44 +621,56 @@ def _wire(demo: gr.Blocks, studio: Studio, ui: SimpleNamespace) -> None:
         **engine,
     )
     loading.then(
-        spectra, [*setting, ui.layer], spectra_out, api_name="spectra_on_load", api_visibility="private", **engine
-    ).then(prune, [*setting, ui.state], prune_out, api_name="prune_on_load", api_visibility="private", **engine)
-    changed = gr.on(
-        [ui.ratio.release, ui.target.input, ui.mode.input],
         spectra,
-        [*setting, ui.layer],
+        [*setting, ui.layer, *scores],
+        spectra_out,
+        api_name="spectra_on_load",
+        api_visibility="private",
+        **engine,
+    ).then(
+        prune, [*setting, ui.state, *scores], prune_out, api_name="prune_on_load", api_visibility="private", **engine
+    )
+    changed = gr.on(
+        [ui.ratio.release, ui.target.input, ui.mode.input, ui.scores.input],
+        spectra,
+        [*setting, ui.layer, *scores],
         spectra_out,
         api_name="spectra",
         trigger_mode="always_last",
         **engine,
     )
-    changed.then(prune, [*setting, ui.state], prune_out, api_name="prune", **engine)
+    changed.then(prune, [*setting, ui.state, *scores], prune_out, api_name="prune", **engine)
     ui.layer.input(
-        spectra, [*setting, ui.layer], spectra_out, api_name="spectra_of_layer", api_visibility="private", **engine
+        spectra,
+        [*setting, ui.layer, *scores],
+        spectra_out,
+        api_name="spectra_of_layer",
+        api_visibility="private",
+        **engine,
     )
     ui.text_btn.click(
         wire(studio.compare_text),
-        [*setting, ui.prompt, ui.new_tokens, ui.state],
+        [*setting, ui.prompt, ui.new_tokens, ui.state, *scores],
         [*ui.texts, ui.state],
         api_name="compare_text",
         **engine,
     )
     ui.audio_btn.click(
         wire(studio.compare_audio),
-        [*setting, ui.clip, ui.audio, ui.state],
+        [*setting, ui.clip, ui.audio, ui.state, *scores],
         [*ui.transcripts, ui.audio_note, ui.state],
         api_name="compare_audio",
         **engine,
     )
     ui.image_btn.click(
         wire(studio.compare_images),
-        [*setting, ui.image_prompt, ui.seed, ui.steps, ui.state],
+        [*setting, ui.image_prompt, ui.seed, ui.steps, ui.state, *scores],
         [*ui.images, ui.image_note, ui.state],
         api_name="compare_images",
         **engine,
     )
     ui.download.click(
-        wire(studio.download), [*setting, ui.state], [ui.checkpoint, ui.state], api_name="download", **engine
+        wire(studio.download), [*setting, ui.state, *scores], [ui.checkpoint, ui.state], api_name="download", **engine
     ).success(None, js=CLICK_DOWNLOAD)  # one button: the browser saves the file at once
     # A bundled clip replaces an upload, and the other way round.
     ui.clip.input(lambda: None, None, ui.audio, api_name="clip_chosen", api_visibility="private", queue=False)

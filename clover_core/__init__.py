@@ -12,7 +12,7 @@ Public API (re-exported here; no logic in this file)::
 """
 
 from . import finetune
-from .calibrate import CalibrationStats, calibrate, text_batches
+from .calibrate import CalibrationStats, calibrate, calibrate_while, text_batches
 from .decompose import Decomposition, decompose, spectra
 from .io.checkpoint import load_pruned, save_pruned
 from .models import ModelBundle, load_model
@@ -23,6 +23,7 @@ from .slider import Slider
 __all__ = [
     "CalibrationStats",
     "calibrate",
+    "calibrate_while",
     "text_batches",
     "Decomposition",
     "ModelBundle",

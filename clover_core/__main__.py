@@ -17,6 +17,7 @@ import torch
 
 from . import metrics
 from .architectures import kind_of
+from .audio import audio_files, calibration_clips, speech_batches
 from .calibrate import MIN_TOKENS, CalibrationStats, calibrate, text_batches
 from .data import calibration_text, wikitext_ids
 from .decompose import decompose, spectra
@@ -69,8 +70,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
         "--calibration",
         default=None,
         metavar="FILE|default",
-        help="score directions by the activations on a text (a UTF-8 file, or 'default': the bundled Paradise "
-        "Lost) instead of by the weights alone; language models, in memory",
+        help="score directions by the activations on data instead of by the weights alone: a UTF-8 text file "
+        "(language models) or an audio file or folder (Whisper), or 'default' (the bundled Paradise Lost, or the "
+        "bundled non-English clips: never the data the figures are measured on); the model is loaded into memory",
     )
     p.add_argument(
         "--calibration-tokens", type=int, default=CALIBRATION_TOKENS, help="tokens of the calibration text to run"
@@ -120,7 +122,11 @@ def cmd_spectra(args: argparse.Namespace) -> None:
 def _check_prune_args(args: argparse.Namespace) -> PruneConfig:
     """Validate the pruning request before any model is loaded, so bad input fails fast."""
     if args.calibration is not None:
-        calibration_text(args.calibration)  # a missing or unreadable file fails now
+        if args.calibration != "default" and not Path(args.calibration).exists():  # fails before any model loads
+            raise ValueError(
+                f"--calibration {args.calibration!r} does not exist; pass a text file (language "
+                "models), an audio file or folder (Whisper), or 'default'"
+            )
         if args.calibration_tokens < MIN_TOKENS:
             raise ValueError(f"--calibration-tokens={args.calibration_tokens} must be at least {MIN_TOKENS}")
     return PruneConfig(
@@ -129,14 +135,21 @@ def _check_prune_args(args: argparse.Namespace) -> PruneConfig:
 
 
 def _calibration(args: argparse.Namespace, bundle) -> CalibrationStats | None:
-    """The statistics ``--calibration`` asks for (None: data-free), gathered on ``bundle``'s model."""
+    """The statistics ``--calibration`` asks for (None: data-free), gathered on ``bundle``'s model: a
+    text for a language model, speech for a Whisper model."""
     if args.calibration is None:
         return None
     kind = kind_of(bundle.model, bundle.processor)
+    if kind == "speech":
+        clips = calibration_clips() if args.calibration == "default" else audio_files(args.calibration)
+        name = "the bundled non-English clips" if args.calibration == "default" else Path(args.calibration).name
+        print(f"calibrating on {len(clips)} clips of {name}")
+        batches = speech_batches(bundle.model, bundle.processor, clips)
+        return calibrate(bundle.model, batches, source=f"{name}, {len(clips)} clips", progress=True)
     if kind != "lm":
         raise ValueError(
-            f"--calibration takes a text, for language models; {args.model!r} is a {kind} model: calibrate it "
-            "from Python with clover_core.calibrate(model, batches) on its own inputs"
+            f"--calibration takes a text (language models) or speech (Whisper); {args.model!r} is a {kind} model: "
+            "calibrate it from Python with clover_core.calibrate(model, batches) on its own inputs"
         )
     text, name = calibration_text(args.calibration)
     length = min(DEMO_WINDOW, metrics.position_limit(bundle.model) or DEMO_WINDOW)

@@ -202,3 +202,70 @@ def transcribe(
     features = inputs.input_features.to(device=param.device, dtype=param.dtype)
     ids = model.generate(features, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **kwargs)
     return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+CALIBRATION_LANGUAGES = ("es", "fr", "it", "pt", "pl", "hi", "ja", "zh")  # never the English evaluation clips
+
+
+def calibration_clips() -> list[Path]:
+    """The bundled speech that calibrates by default: every clip of ``pytest-audioeval`` in another
+    language than English (24 clips), so the English clips the figures are measured on stay unseen.
+
+    Raises:
+        ModuleNotFoundError: the package is not installed (the message says what to install).
+    """
+    root = package_dir("pytest_audioeval", "pytest-audioeval==0.1.3") / "samples" / "audio"
+    return [path for lang in CALIBRATION_LANGUAGES for path in sorted((root / lang).glob("*.wav"))]
+
+
+def audio_files(spec: str | os.PathLike) -> list[Path]:
+    """The audio files ``spec`` names: one file, or every audio file in a folder (sorted).
+
+    Raises:
+        ValueError: nothing there, or a folder without audio files.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"{str(spec)!r} is not a file or a folder of audio files (WAV, FLAC, OGG, MP3)")
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+    if not found:
+        raise ValueError(f"{path} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
+    return found
+
+
+@torch.no_grad()
+def speech_batches(model: nn.Module, processor, clips: list, *, max_new_tokens: int = 64) -> list[dict]:
+    """Calibration batches for a Whisper model: each clip's features, with the model's own greedy
+    transcript as the decoder's input (so the decoder sees what it produces, in any language).
+
+    Args:
+        model, processor: a Whisper model and its processor.
+        clips: audio files or arrays at 16 kHz (see :func:`load_audio`), each at most 30 s.
+        max_new_tokens: the longest transcript generated per clip.
+
+    Raises:
+        ValueError: no clips, a file that is not audio, a silent clip or one over 30 s (each named).
+    """
+    if not clips:
+        raise ValueError("no calibration clips; pass at least one audio file")
+    param, batches = next(model.parameters()), []
+    for clip in clips:
+        samples = load_audio(clip, max_seconds=WINDOW_SECONDS)
+        if is_silent(samples):
+            where = Path(clip).name if isinstance(clip, (str, os.PathLike)) else "a calibration clip"
+            raise ValueError(f"{where} is silent (no sample above -80 dBFS); calibrate on speech")
+        features = processor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        features = features.to(device=param.device, dtype=param.dtype)
+        ids = model.generate(
+            features,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            suppress_tokens=None,
+            logits_processor=[_suppress_processor(model)],
+        )
+        batches.append({"input_features": features, "decoder_input_ids": ids})
+    return batches

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -126,14 +126,9 @@ def calibrate(
         NotImplementedError: the model has no supported attention module, or a family without the
             ``inputs`` calibration needs.
     """
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (damp > 0 and math.isfinite(damp)):
-        raise ValueError(f"damp={damp!r} must be a positive number, e.g. {DAMP}")
-    inputs, projections = _projections(model)
-    covariances: dict[str, torch.Tensor] = {}
-    tokens = dict.fromkeys(projections, 0)
-    hooks = [proj.register_forward_pre_hook(_accumulate(key, covariances, tokens)) for key, proj in projections.items()]
-    count = 0
-    try:
+
+    def run() -> int:
+        count = 0
         for batch in _with_progress(batches, progress):
             if not isinstance(batch, Mapping):
                 raise ValueError(
@@ -144,11 +139,34 @@ def calibrate(
             device = next(model.parameters()).device
             model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
             count += 1
+        if count == 0:
+            raise ValueError("batches is empty; pass at least one batch of calibration inputs")
+        return count
+
+    return calibrate_while(model, run, source=source, damp=damp)
+
+
+@torch.no_grad()
+def calibrate_while(
+    model: nn.Module, run: Callable[[], object], *, source: str = "unnamed data", damp: float = DAMP
+) -> CalibrationStats:
+    """:func:`calibrate` for inputs that only a caller can produce: the statistics of every call of
+    ``model`` that ``run()`` makes (a diffusion pipeline generating images, say, calls its UNet).
+
+    Raises:
+        ValueError: as :func:`calibrate`: too few rows, NaN or inf activations, a bad ``damp``.
+    """
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (damp > 0 and math.isfinite(damp)):
+        raise ValueError(f"damp={damp!r} must be a positive number, e.g. {DAMP}")
+    inputs, projections = _projections(model)
+    covariances: dict[str, torch.Tensor] = {}
+    tokens = dict.fromkeys(projections, 0)
+    hooks = [proj.register_forward_pre_hook(_accumulate(key, covariances, tokens)) for key, proj in projections.items()]
+    try:
+        run()
     finally:
         for hook in hooks:
             hook.remove()
-    if count == 0:
-        raise ValueError("batches is empty; pass at least one batch of calibration inputs")
     short = sorted(k for k, n in tokens.items() if n < MIN_TOKENS)
     if short:
         raise ValueError(

@@ -30,7 +30,9 @@ class Loaded:
     the attention modules, and their attention weights are views of ``dec`` (its rotated factors and the
     rank-major copies of the original ones, made at load time) wherever no copy is needed.
 
-    ``baseline`` caches the original model's measurements (filled under ``lock``).
+    ``baseline`` caches the original model's measurements (filled under ``lock``); ``calibrated`` the
+    decomposition with calibrated scores, made on first use (under ``calibration_lock``; see
+    :mod:`studio.calibration`).
     """
 
     name: str
@@ -41,6 +43,8 @@ class Loaded:
     nbytes: int
     baseline: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    calibrated: Decomposition | None = field(default=None, repr=False)
+    calibration_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 def nbytes(*objects: object) -> int:

@@ -69,7 +69,9 @@ def export_checkpoint(pair: PrunedPair, folder: str | os.PathLike) -> Path:
         ``folder/<model>-clover-<target>-<mode>-<ratio>.zip``; the archive holds one folder of that name.
     """
     s = pair.setting
-    stem = f"{Path(s.model).name}-clover-{s.target}-{s.mode}-{s.ratio:g}"
+    stem = f"{Path(s.model).name}-clover-{s.target}-{s.mode}-{s.ratio:g}" + (
+        "-calibrated" if s.scores == "calibrated" else ""
+    )
     folder = Path(folder)
     processor = None if pair.loaded.kind == "diffusion" else pair.loaded.processor  # the UNet only
     saved = save_pruned(pair.clover, folder / stem, processor=processor)

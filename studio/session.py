@@ -11,6 +11,7 @@ from clover_core import metrics
 from clover_core.prune import Mode, PruneConfig, Target, prune
 
 from .cache import Loaded, Progress, report
+from .calibration import SCORES, Scores, decomposition
 from .outputs import IMAGE_PROMPT, make_image, transcribe_clip
 
 VARIANTS = ("original", "vanilla", "clover")
@@ -26,10 +27,13 @@ class Setting:
     ratio: float
     target: Target
     mode: Mode
+    scores: Scores = "data-free"
 
     def __post_init__(self) -> None:
         if self.mode == "threshold":
             raise ValueError("mode='threshold' is not offered here; use 'uniform' or 'global' with a ratio")
+        if self.scores not in SCORES:
+            raise ValueError(f"scores={self.scores!r} is not offered; choose one of {', '.join(SCORES)}")
         PruneConfig(ratio=self.ratio, target=self.target, mode=self.mode)
 
 
@@ -52,7 +56,8 @@ class PrunedPair:
 def pruned_pair(
     loaded: Loaded, setting: Setting, current: PrunedPair | None = None, progress: Progress | None = None
 ) -> PrunedPair:
-    """``current`` when it already holds this setting, else both models pruned from the cached decomposition.
+    """``current`` when it already holds this setting, else both models pruned from the cached decomposition
+    (the calibrated one, made once per model, for ``scores="calibrated"``: both methods use it).
 
     Raises:
         ValueError: a setting the model does not support (Q-K of a rotary model), or a name mismatch.
@@ -61,11 +66,12 @@ def pruned_pair(
         raise ValueError(f"setting.model={setting.model!r} does not match the loaded model {loaded.name!r}")
     if current is not None and current.setting == setting:
         return current
+    dec = decomposition(loaded, setting.scores, progress)
     models = {}
     for i, method in enumerate(("vanilla", "clover")):
         report(progress, 0.5 * i, f"pruning {method}: {setting.target}, {setting.mode}, ratio {setting.ratio:g}")
         models[method] = prune(
-            loaded.dec, ratio=setting.ratio, target=setting.target, method=method, mode=setting.mode, share_weights=True
+            dec, ratio=setting.ratio, target=setting.target, method=method, mode=setting.mode, share_weights=True
         )  # read-only here: no copy of the model
     return PrunedPair(setting, loaded, models["vanilla"], models["clover"])
 

@@ -147,6 +147,26 @@ def test_prune_reports_sizes_and_measured_quality(studio):
         assert ppl0[row] == pytest.approx(ppl0["original"], rel=SHOWN_RATIO0_REL)
 
 
+def test_calibrated_scores_prune_both_methods_and_say_which_data(studio, tmp_path):
+    md, pair = studio.prune(LM, 0.5, "vo", "uniform", None, "calibrated")
+    assert "scores calibrated on 2,048 tokens of Paradise Lost" in md  # named beside the results
+    assert pair.clover.config.clover["calibration"]["data"] == "2,048 tokens of Paradise Lost"
+    assert pair.vanilla.config.clover["calibration"] == pair.clover.config.clover["calibration"]  # both use it
+    free = table(studio.prune(LM, 0.5, "vo", "uniform", pair)[0])
+    assert "data-free scores" in studio.prune(LM, 0.5, "vo", "uniform", pair)[0]
+    assert table(md)["CLOVER-pruned"][2] != free["CLOVER-pruned"][2]  # the statistics change the kept directions
+    assert table(md)["CLOVER-pruned"][:2] == free["CLOVER-pruned"][:2]  # at the same sizes
+    zero = table(studio.prune(LM, 0.0, "vo", "uniform", None, "calibrated")[0])
+    ppl = {row: float(cells[2].split()[0].replace(",", "")) for row, cells in zero.items()}
+    assert ppl["CLOVER-pruned"] == pytest.approx(ppl["original"], rel=SHOWN_RATIO0_REL)  # exact at full rank
+    heatmap, curves, ranks = studio.spectra(LM, 0.5, "vo", "uniform", None, "calibrated")
+    assert heatmap is not None and "directions kept" in ranks
+    path, _ = studio.download(LM, 0.5, "vo", "uniform", None, "calibrated")
+    assert path.endswith("-calibrated.zip")
+    with pytest.raises(gr.Error, match="scores='whitened' is not offered"):
+        call(studio.prune, LM, 0.5, "vo", "uniform", None, "whitened")
+
+
 def test_session_state_is_reused_until_the_setting_changes(studio):
     _, pair = studio.prune(LM, 0.5, "vo", "uniform", None)
     *texts, same = studio.compare_text(LM, 0.5, "vo", "uniform", "The city", 4, pair)

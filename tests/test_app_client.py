@@ -44,7 +44,9 @@ def test_every_action_is_a_named_endpoint(client):
         "/compare_images",
         "/download",
     }
-    assert [p["parameter_name"] for p in named["/prune"]["parameters"]] == ["model", "ratio", "target", "mode"]
+    parameters = named["/prune"]["parameters"]
+    assert [p["parameter_name"] for p in parameters] == ["model", "ratio", "target", "mode", "scores"]
+    assert parameters[-1]["parameter_has_default"] and parameters[-1]["parameter_default"] == "data-free"  # optional
 
 
 def test_load_spectra_and_slider(client):

@@ -166,3 +166,46 @@ def test_bad_calibration_input_is_named(make_gpt2, make_llama):
         broken.transformer.wte.weight[5] = float("nan")
     with pytest.raises(ValueError, match="received NaN or inf activations"):
         cc.calibrate(broken, [{"input_ids": torch.full((1, 20), 5)}])
+
+
+@pytest.mark.real_weights
+@pytest.mark.slow
+def test_calibrated_whisper_tiny_en_keeps_its_transcripts_with_a_quarter_of_qk_removed():
+    """Calibrated on the bundled non-English clips, never on the English clips it is judged on."""
+    from clover_core.audio import bundled_clips, calibration_clips, speech_batches, transcribe
+    from clover_core.metrics import word_error_rate
+
+    bundle = cc.load_model("whisper-tiny.en")
+    model, processor = bundle.model, bundle.processor
+    clips = bundled_clips()
+    assert not {p.name for p in calibration_clips()} & {w.name for w, _ in clips.values()}
+    stats = cc.calibrate(model, speech_batches(model, processor, calibration_clips()), source="non-English clips")
+
+    def wer(m):
+        return word_error_rate(
+            [ref for _, ref in clips.values()], [transcribe(m, processor, str(w)) for w, _ in clips.values()]
+        )
+
+    original = wer(model)  # 0.476: "counting" comes out in digits, against a reference in words
+    assert wer(cc.prune(model, ratio=0.25, target="qk", calibration=stats)) == original
+    assert wer(cc.prune(model, ratio=0.25, target="qk")) > 2 * original  # data-free: far worse
+
+
+def test_broken_statistics_and_silent_clips_are_named(make_whisper, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from clover_core.audio import speech_batches
+
+    inputs = {"m": {"vo": ("m.v", None)}}
+    negative = cc.CalibrationStats({"m.v": -torch.eye(3, dtype=torch.float64)}, {"m.v": 99}, inputs)
+    with pytest.raises(ValueError, match="covariance of m.v is not positive definite even with damp=0.01"):
+        negative.whitening("m", "vo")
+    nan = cc.CalibrationStats({"m.v": torch.full((3, 3), float("nan"), dtype=torch.float64)}, {"m.v": 99}, inputs)
+    with pytest.raises(ValueError, match="statistics of m.v hold NaN or inf"):
+        nan.whitening("m", "vo")
+    sf.write(tmp_path / "quiet.wav", np.zeros(16000, dtype=np.float32), 16000)
+    with pytest.raises(ValueError, match="quiet.wav is silent"):
+        speech_batches(make_whisper(), None, [tmp_path / "quiet.wav"])
+    with pytest.raises(ValueError, match="no calibration clips"):
+        speech_batches(make_whisper(), None, [])

@@ -116,18 +116,24 @@ def test_prune_calibrated_on_a_text_records_which_text(tmp_path, capsys):
 @pytest.mark.parametrize(
     "calibration,tokens,match",
     [
-        ("missing.txt", "4096", "calibration='missing.txt' is not a file"),
-        ("binary", "4096", "is not UTF-8 text"),
+        ("missing.txt", "4096", "--calibration 'missing.txt' does not exist"),
         ("default", "3", "--calibration-tokens=3 must be at least 16"),
     ],
 )
 def test_bad_calibration_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, calibration, tokens, match):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00junk")
     monkeypatch.setattr("clover_core.__main__.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     args = ["prune", "--model", "gpt2-tiny-random", "--ratio", "0.5", "--out", str(tmp_path / "o")]
     assert main([*args, "--calibration", calibration, "--calibration-tokens", tokens]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_calibration_data_of_the_wrong_kind_is_named(tmp_path, capsys):
+    (tmp_path / "clip.wav").write_bytes(b"RIFF\xff\xfe\x00junk")
+    args = ["prune", "--model", "gpt2-tiny-random", "--ratio", "0.5", "--out", str(tmp_path / "o")]
+    assert main([*args, "--calibration", str(tmp_path / "clip.wav")]) == 2  # audio for a language model
+    assert "clip.wav is not UTF-8 text" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_calibrating_a_folder_without_a_tokenizer_says_what_to_do(model_dir, tmp_path, capsys):

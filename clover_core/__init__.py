@@ -12,7 +12,7 @@ Public API (re-exported here; no logic in this file)::
 """
 
 from . import finetune
-from .calibrate import CalibrationStats, calibrate, calibrate_while, text_batches
+from .calibrate import CalibrationStats, calibrate, calibrate_while, norm_statistics, text_batches
 from .decompose import Decomposition, decompose, spectra
 from .io.checkpoint import load_pruned, save_pruned
 from .models import ModelBundle, load_model
@@ -33,6 +33,7 @@ __all__ = [
     "finetune",
     "load_model",
     "load_pruned",
+    "norm_statistics",
     "orthogonalize",
     "plan",
     "prune",

@@ -18,7 +18,7 @@ import torch
 from . import metrics
 from .architectures import kind_of
 from .audio import audio_files, calibration_clips, speech_batches
-from .calibrate import MIN_TOKENS, CalibrationStats, calibrate, text_batches
+from .calibrate import MIN_TOKENS, CalibrationStats, calibrate, norm_statistics, text_batches
 from .data import calibration_text, wikitext_ids
 from .decompose import decompose, spectra
 from .io import checkpoint
@@ -72,7 +72,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE|default",
         help="score directions by the activations on data instead of by the weights alone: a UTF-8 text file "
         "(language models) or an audio file or folder (Whisper), or 'default' (the bundled Paradise Lost, or the "
-        "bundled non-English clips: never the data the figures are measured on); the model is loaded into memory",
+        "bundled non-English clips: never the data the figures are measured on), or 'norms' (no data: the norms' "
+        "gains folded into the scores); the model is loaded into memory",
     )
     p.add_argument(
         "--calibration-tokens", type=int, default=CALIBRATION_TOKENS, help="tokens of the calibration text to run"
@@ -122,7 +123,9 @@ def cmd_spectra(args: argparse.Namespace) -> None:
 def _check_prune_args(args: argparse.Namespace) -> PruneConfig:
     """Validate the pruning request before any model is loaded, so bad input fails fast."""
     if args.calibration is not None:
-        if args.calibration != "default" and not Path(args.calibration).exists():  # fails before any model loads
+        if (
+            args.calibration not in ("default", "norms") and not Path(args.calibration).exists()
+        ):  # fails before any model loads
             raise ValueError(
                 f"--calibration {args.calibration!r} does not exist; pass a text file (language "
                 "models), an audio file or folder (Whisper), or 'default'"
@@ -139,6 +142,9 @@ def _calibration(args: argparse.Namespace, bundle) -> CalibrationStats | None:
     text for a language model, speech for a Whisper model."""
     if args.calibration is None:
         return None
+    if args.calibration == "norms":
+        print("folding the norms' gains into the scores (no data)")
+        return norm_statistics(bundle.model)
     kind = kind_of(bundle.model, bundle.processor)
     if kind == "speech":
         clips = calibration_clips() if args.calibration == "default" else audio_files(args.calibration)

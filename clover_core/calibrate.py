@@ -54,6 +54,7 @@ class CalibrationStats:
     inputs: dict[str, dict[str, tuple[str, str | None]]]
     source: str = "unnamed data"
     damp: float = DAMP
+    statistic: str = "input covariance"
     _factors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def whitening(self, module: str, pair: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -90,7 +91,7 @@ class CalibrationStats:
     def describe(self) -> dict:
         """What the pruning record keeps of these statistics."""
         return {
-            "statistic": "input covariance",
+            "statistic": self.statistic,
             "data": self.source,
             "tokens": min(self.tokens.values()),
             "damp": self.damp,
@@ -175,6 +176,44 @@ def calibrate_while(
         )
     log.info("calibrated %d projections on %s", len(covariances), source)
     return CalibrationStats({k: c / tokens[k] for k, c in covariances.items()}, tokens, inputs, source, float(damp))
+
+
+NORM_DAMP = 1e-6  # folding gains is exact: damping only guards against a gain of zero
+
+
+def norm_statistics(model: nn.Module, *, damp: float = NORM_DAMP) -> CalibrationStats:
+    """Data-free "calibration" by the norms' gains: the LayerNorm / RMSNorm gain ``g`` (and bias ``beta``)
+    in front of each projection folded into the scores, as if the normalized inputs were white. It is
+    the diagonal special case of :func:`calibrate`: the covariance of ``[g * x + beta, 1]`` for a white
+    ``[x, 1]``, so a direction that a large gain amplifies counts for more. No data, no forward pass.
+
+    Raises:
+        NotImplementedError: a family that does not declare which norm feeds which projection.
+    """
+    inputs, projections = _projections(model)
+    covariances, tokens = {}, {}
+    for name, module, _ in attention_modules(model):
+        family = family_for(module)
+        if family.norms is None:
+            raise NotImplementedError(f"{type(module).__name__} ({family.name}) does not declare its input norms")
+        norms = family.norms(model, name)
+        for key in (k for k in projections if k.startswith(name + ".")):
+            width = projections[key].weight.shape[1 if isinstance(projections[key], nn.Linear) else 0]
+            covariances[key] = _gain_covariance(norms[key[len(name) + 1 :]], width)
+            tokens[key] = 0
+    return CalibrationStats(covariances, tokens, inputs, "the norms' gains (no data)", damp, "norm gains")
+
+
+def _gain_covariance(norm: nn.Module | None, width: int) -> torch.Tensor:
+    """``M^T M`` for ``[y, 1] = [x, 1] M``, ``M = [[diag(g), 0], [beta, 1]]``: the second moment of a
+    norm's output (with the bias's column of ones) when its normalized input is white."""
+    m = torch.eye(width + 1, dtype=torch.float64)
+    gain, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if isinstance(gain, torch.Tensor):
+        m[:width, :width] = torch.diag(gain.detach().double().cpu())
+    if isinstance(bias, torch.Tensor):
+        m[width, :width] = bias.detach().double().cpu()
+    return m.T @ m
 
 
 def _check_length(model: nn.Module, batch: Mapping) -> None:

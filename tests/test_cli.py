@@ -151,3 +151,27 @@ def test_calibrating_a_folder_without_a_tokenizer_says_what_to_do(model_dir, tmp
     assert main(args) == 2
     assert "this model has no tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_with_folded_norms_needs_no_data(model_dir, tmp_path, capsys):
+    out = tmp_path / "folded"
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(model_dir),
+                "--target",
+                "vo",
+                "--ratio",
+                "0.5",
+                "--calibration",
+                "norms",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert cc.load_pruned(out).config.clover["calibration"]["statistic"] == "norm gains"
+    assert "no data" in capsys.readouterr().out

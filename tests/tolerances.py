@@ -13,3 +13,9 @@ SAME_MATH_FP16 = dict(atol=1e-5, rtol=1e-3)
 # A ratio-0 model is the original up to float32 rounding; a perplexity near 55,000 shown with two
 # decimals can then differ from the original's in its last digit (depending on which BLAS kernels ran).
 SHOWN_RATIO0_REL = 1e-6
+# The error a calibrated prune makes on its own statistics equals the oracle's tail of whitened singular
+# values: float64 whitening, float32 factors (their rounding, relative to the product's norm).
+CALIBRATED_REL = 1e-4
+# Folding a norm's gain adds 1e-6 of the mean diagonal as damping (a guard against zero gains), so the
+# folded error matches the exact fold to about that share of the spectrum.
+NORM_FOLD_REL = 1e-3

@@ -85,6 +85,9 @@ class Family:
         inputs: per pair, the attention module's projections whose inputs the pair's two sides see,
             ``{pair: (side a, side b)}`` (None for a side in the output space), for calibration: the
             statistics of those inputs weigh each direction by the activations that flow through it.
+        norms: ``(model, attention module name) -> {projection: norm module or None}``, the LayerNorm /
+            RMSNorm whose output each projection of ``inputs`` reads (None: an input no norm scales),
+            for folding the norms' gains into the scores without data.
     """
 
     name: str
@@ -98,6 +101,13 @@ class Family:
     up_projections: dict[type[nn.Module], str] = field(default_factory=dict)
     kv_width: Callable[[object], int] | None = None
     inputs: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    norms: Callable[[nn.Module, str], dict[str, nn.Module | None]] | None = None
+
+
+def parent_of(model: nn.Module, name: str) -> nn.Module:
+    """The module holding the submodule ``name`` (the model itself for a top-level name)."""
+    parent = name.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else model
 
 
 def grouped_kv_width(config: object) -> int | None:

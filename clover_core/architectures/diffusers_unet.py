@@ -17,6 +17,7 @@ from .base import (
     is_rank_major,
     load_input,
     load_output,
+    parent_of,
     set_attributes,
     split_heads,
     split_output,
@@ -85,6 +86,15 @@ def _check_plain(module: Attention) -> None:
         )
 
 
+def input_norms(model: nn.Module, name: str) -> dict[str, nn.Module | None]:
+    """``attn1`` reads its transformer block's ``norm1``; ``attn2``'s queries read ``norm2``, its keys
+    and values the text encoders' states, which no norm of the UNet scales."""
+    block, child = parent_of(model, name), name.rpartition(".")[2]
+    if child == "attn2":
+        return {"to_q": block.norm2, "to_k": None, "to_v": None}
+    return {"to_q": block.norm1, "to_k": block.norm1, "to_v": block.norm1}
+
+
 FAMILY = Family(
     name="diffusers-unet",
     attention=Attention,
@@ -93,4 +103,5 @@ FAMILY = Family(
     model_class=UNet2DConditionModel,
     remote=RemoteCode("modeling_clover_unet", "CloverUNet2DConditionModel", ("AutoModel",), extra=()),
     inputs={"qk": ("to_q", "to_k"), "vo": ("to_v", None)},
+    norms=input_norms,
 )

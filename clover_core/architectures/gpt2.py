@@ -19,6 +19,7 @@ from .base import (
     is_rank_major,
     load_input,
     load_output,
+    parent_of,
     set_attributes,
     split_heads,
     split_output,
@@ -87,6 +88,11 @@ def _dims(module: GPT2Attention) -> tuple[int, int]:
     return getattr(module, "qk_dim", module.head_dim), getattr(module, "v_dim", module.head_dim)
 
 
+def input_norms(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """``c_attn`` reads the block's ``ln_1``."""
+    return {"c_attn": parent_of(model, name).ln_1}
+
+
 FAMILY = Family(
     name="gpt2",
     attention=GPT2Attention,
@@ -99,4 +105,5 @@ FAMILY = Family(
     up_projections={GPT2MLP: "c_fc"},
     kv_width=lambda config: 2 * config.n_layer * config.n_embd,
     inputs={"qk": ("c_attn", "c_attn"), "vo": ("c_attn", None)},
+    norms=input_norms,
 )

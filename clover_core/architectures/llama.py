@@ -22,6 +22,7 @@ from .base import (
     is_rank_major,
     load_input,
     load_output,
+    parent_of,
     set_attributes,
     split_heads,
     split_output,
@@ -74,6 +75,11 @@ def _v_dim(module: LlamaAttention) -> int:
     return getattr(module, "v_dim", module.head_dim)
 
 
+def input_norms(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """``v_proj`` reads the decoder layer's ``input_layernorm`` (an RMSNorm)."""
+    return {"v_proj": parent_of(model, name).input_layernorm}
+
+
 FAMILY = Family(
     name="llama",
     attention=LlamaAttention,
@@ -86,4 +92,5 @@ FAMILY = Family(
     up_projections={LlamaMLP: "up_proj"},
     kv_width=grouped_kv_width,
     inputs={"vo": ("v_proj", None)},
+    norms=input_norms,
 )

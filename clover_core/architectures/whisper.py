@@ -16,6 +16,7 @@ from .base import (
     is_rank_major,
     load_input,
     load_output,
+    parent_of,
     set_attributes,
     split_heads,
     split_output,
@@ -64,6 +65,17 @@ class WhisperAdapter:
         return sum(ranks["qk"]) + sum(ranks["vo"]), module.num_heads * sum(map(padded_width, ranks.values()))
 
 
+def input_norms(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """Self-attention reads its layer's ``self_attn_layer_norm``; cross-attention's queries read the
+    layer's ``encoder_attn_layer_norm``, its keys and values the encoder's final ``layer_norm``."""
+    layer, child = parent_of(model, name), name.rpartition(".")[2]
+    if child == "encoder_attn":
+        encoder = model.get_submodule(name.rpartition(".decoder.")[0] + ".encoder")
+        return {"q_proj": layer.encoder_attn_layer_norm, "k_proj": encoder.layer_norm, "v_proj": encoder.layer_norm}
+    norm = layer.self_attn_layer_norm
+    return {"q_proj": norm, "k_proj": norm, "v_proj": norm}
+
+
 FAMILY = Family(
     name="whisper",
     attention=WhisperAttention,
@@ -78,4 +90,5 @@ FAMILY = Family(
     up_projections={WhisperEncoderLayer: "fc1", WhisperDecoderLayer: "fc1"},
     kv_width=lambda config: 2 * config.decoder_layers * config.d_model,
     inputs={"qk": ("q_proj", "k_proj"), "vo": ("v_proj", None)},
-)  # the decoder's self-attention
+    norms=input_norms,
+)

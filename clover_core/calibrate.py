@@ -47,6 +47,8 @@ class CalibrationStats:
             a side in the output space, not whitened).
         source: what data calibrated (for the record and the reports).
         damp: the share of the mean diagonal added to each covariance before it is factored.
+        statistic: what the covariances are (``"input covariance"``; ``"norm gains"`` for
+            :func:`norm_statistics`).
     """
 
     covariances: dict[str, torch.Tensor]
@@ -248,13 +250,14 @@ def _projections(model: nn.Module) -> tuple[dict[str, dict[str, tuple[str, str |
 
 def _accumulate(key: str, covariances: dict[str, torch.Tensor], tokens: dict[str, int]):
     def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (rows, d)
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (rows, d)
         if not torch.isfinite(x).all():
             raise ValueError(
                 f"{key} received NaN or inf activations on the calibration data; check the data and the model's dtype"
             )
         x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # (rows, d + 1): the bias's row of ones
-        covariances[key] = covariances[key] + x.T @ x if key in covariances else x.T @ x
+        gram = (x.T @ x).double().cpu()  # one call's rows summed in float32, the running total in float64
+        covariances[key] = covariances[key] + gram if key in covariances else gram
         tokens[key] += x.shape[0]
 
     return hook

@@ -65,6 +65,13 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
         "ratio-quantile of all heads' scores; threshold: drop singular values <= --threshold",
     )
     p.add_argument("--ratio", type=float, default=None, help="fraction of directions removed, in [0, 1)")
+    p.add_argument(
+        "--allocation",
+        default="raw",
+        choices=["raw", "normalized"],
+        help="mode global: rank the scores as they are (raw, the paper) or each layer's relative to its own "
+        "root-mean-square score (normalized: layers of other scales compared like with like)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="absolute singular-value threshold (mode threshold)")
     p.add_argument(
         "--calibration",
@@ -133,7 +140,12 @@ def _check_prune_args(args: argparse.Namespace) -> PruneConfig:
         if args.calibration_tokens < MIN_TOKENS:
             raise ValueError(f"--calibration-tokens={args.calibration_tokens} must be at least {MIN_TOKENS}")
     return PruneConfig(
-        ratio=args.ratio, target=args.target, method=args.method, mode=args.mode, threshold=args.threshold
+        ratio=args.ratio,
+        target=args.target,
+        method=args.method,
+        mode=args.mode,
+        threshold=args.threshold,
+        allocation=args.allocation,
     )
 
 
@@ -195,6 +207,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         mode=args.mode,
         threshold=args.threshold,
         calibration=stats,
+        allocation=args.allocation,
     )
     out = checkpoint.save_pruned(
         pruned, args.out, processor=bundle.processor, dtype=DTYPES[args.dtype] if args.dtype else None
@@ -228,7 +241,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
             (
                 method,
                 prune(
-                    dec, ratio=args.ratio, target=args.target, method=method, mode=args.mode, threshold=args.threshold
+                    dec,
+                    ratio=args.ratio,
+                    target=args.target,
+                    method=method,
+                    mode=args.mode,
+                    threshold=args.threshold,
+                    allocation=args.allocation,
                 ),
             )
         )

@@ -100,14 +100,17 @@ class Decomposition:
         :meth:`use_rank_major`; empty before)."""
         return self._stacks or []
 
-    def ranking(self, pair: str, score: str) -> torch.Tensor:
+    def ranking(self, pair: str, score: str, normalized: bool = False) -> torch.Tensor:
         """Every head's directions of ``pair`` in every module, weakest ``score`` first (``"s"`` or
         ``"vanilla"``; a stable sort of the scores flattened in module order), computed once: the
-        ``global`` mode's order, which no ratio changes."""
-        key = (pair, score)
+        ``global`` mode's order, which no ratio changes. ``normalized``: each module's scores divided by
+        their root mean square first."""
+        key = (pair, score, normalized)
         if key not in self._rankings:
-            flat = torch.cat([getattr(md.pairs[pair], score).flatten() for md in self.modules.values()])
-            self._rankings[key] = torch.argsort(flat, stable=True)
+            scores = [getattr(md.pairs[pair], score) for md in self.modules.values()]
+            if normalized:
+                scores = [s / s.square().mean().sqrt().clamp_min(torch.finfo(s.dtype).tiny) for s in scores]
+            self._rankings[key] = torch.argsort(torch.cat([s.flatten() for s in scores]), stable=True)
         return self._rankings[key]
 
     def original(self, name: str, pair: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 Target = Literal["qk", "vo", "both"]
 Method = Literal["clover", "vanilla"]
 Mode = Literal["uniform", "global", "threshold"]
+Allocation = Literal["raw", "normalized"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class PruneConfig:
 
     ``ratio`` (in [0, 1)) drives the ``uniform`` and ``global`` modes, ``threshold`` (>= 0) the
     ``threshold`` mode; giving the one a mode does not use is an error, not silently ignored.
+    ``allocation`` (``global`` mode only): ``"raw"`` ranks every head's scores as they are (the paper);
+    ``"normalized"`` divides them by their module's root-mean-square score first, so layers whose
+    weights (or activations) have other scales are compared like with like.
     """
 
     ratio: float | None = None
@@ -47,12 +51,15 @@ class PruneConfig:
     method: Method = "clover"
     mode: Mode = "uniform"
     threshold: float | None = None
+    allocation: Allocation = "raw"
 
     def __post_init__(self) -> None:
-        for arg, allowed in (("target", Target), ("method", Method), ("mode", Mode)):
+        for arg, allowed in (("target", Target), ("method", Method), ("mode", Mode), ("allocation", Allocation)):
             value = getattr(self, arg)
             if value not in get_args(allowed):
                 raise ValueError(f"{arg}={value!r} is not supported; choose one of {', '.join(get_args(allowed))}")
+        if self.allocation != "raw" and self.mode != "global":
+            raise ValueError(f"allocation={self.allocation!r} is only used with mode='global' (mode is {self.mode!r})")
         if self.mode == "threshold":
             if self.ratio is not None:
                 raise ValueError(f"ratio={self.ratio!r} is not used in mode='threshold'; pass threshold= only")
@@ -108,7 +115,9 @@ def plan(dec: Decomposition, config: PruneConfig) -> Plan:
     score = "s" if config.method == "clover" else "vanilla"
     for pair in config.pairs:
         scores = {name: getattr(md.pairs[pair], score) for name, md in dec.modules.items()}
-        order = dec.ranking(pair, score) if config.mode == "global" else None
+        order = (
+            dec.ranking(pair, score, normalized=config.allocation == "normalized") if config.mode == "global" else None
+        )
         for name, kept in _keep(scores, config, order).items():
             masks[name][pair] = kept
     return masks
@@ -153,6 +162,7 @@ def prune(
     *,
     share_weights: bool = False,
     calibration: CalibrationStats | None = None,
+    allocation: Allocation = "raw",
 ) -> nn.Module:
     """A new, physically smaller model; the input model is left untouched.
 
@@ -175,6 +185,8 @@ def prune(
             interactive ratio slider, :class:`Slider` also reuses the model object.
         calibration: statistics from :func:`clover_core.calibrate` (data-aware scores for both methods;
             see :func:`clover_core.decompose`), for a model; a decomposition carries its own.
+        allocation: in ``global`` mode, ``"raw"`` (the paper) or ``"normalized"`` (each module's scores
+            over their root mean square, see :class:`PruneConfig`).
 
     Returns:
         The pruned model; ``model.config.clover`` records the method, every head's kept rank and the
@@ -185,7 +197,9 @@ def prune(
             ``global`` (the message names it).
         NotImplementedError: the model has no supported attention module.
     """
-    config = PruneConfig(ratio=ratio, target=target, method=method, mode=mode, threshold=threshold)
+    config = PruneConfig(
+        ratio=ratio, target=target, method=method, mode=mode, threshold=threshold, allocation=allocation
+    )
     if isinstance(model_or_dec, Decomposition):
         if calibration is not None and calibration is not model_or_dec.calibration:
             raise ValueError(

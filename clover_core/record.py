@@ -37,6 +37,8 @@ def pruning_meta(
     for a calibrated prune, what calibrated it (statistic, data, tokens, damping)."""
     base = origin(model, pruning_record(model)) if base is None else base
     calibrated = {} if calibration is None else {"calibration": calibration.describe()}
+    if getattr(config, "allocation", "raw") != "raw":  # recorded where it is not the paper's
+        calibrated["allocation"] = config.allocation
     return {
         "format": FORMAT,
         "method": config.method,

@@ -16,6 +16,7 @@ from transformers.initialization import no_init_weights
 from .architectures import padded_width
 from .decompose import Decomposition, FactorStack, ModuleDecomposition
 from .prune import (
+    Allocation,
     Method,
     Mode,
     Plan,
@@ -89,14 +90,21 @@ class Slider:
         self._base = origin(dec.model, pruning_record(dec.model))
 
     def __call__(
-        self, ratio: float | None = None, target: Target = "qk", mode: Mode = "uniform", threshold: float | None = None
+        self,
+        ratio: float | None = None,
+        target: Target = "qk",
+        mode: Mode = "uniform",
+        threshold: float | None = None,
+        allocation: Allocation = "raw",
     ) -> nn.Module:
         """The model pruned to ``ratio`` (or ``threshold``); arguments as in :func:`prune`.
 
         Raises:
             ValueError: an argument outside what is allowed (the message names it).
         """
-        config = PruneConfig(ratio=ratio, target=target, method=self.method, mode=mode, threshold=threshold)
+        config = PruneConfig(
+            ratio=ratio, target=target, method=self.method, mode=mode, threshold=threshold, allocation=allocation
+        )
         if self.method == "clover" and mode == "uniform":
             masks = _first_r(self.dec, config)
         else:

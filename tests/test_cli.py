@@ -175,3 +175,13 @@ def test_prune_with_folded_norms_needs_no_data(model_dir, tmp_path, capsys):
     )
     assert cc.load_pruned(out).config.clover["calibration"]["statistic"] == "norm gains"
     assert "no data" in capsys.readouterr().out
+
+
+def test_prune_with_normalized_allocation_streams_and_records_it(model_dir, tmp_path):
+    out = tmp_path / "normalized"
+    args = ["prune", "--model", str(model_dir), "--mode", "global", "--ratio", "0.5", "--out", str(out)]
+    assert main([*args, "--allocation", "normalized"]) == 0  # a safetensors folder: streamed
+    assert cc.load_pruned(out).config.clover["allocation"] == "normalized"
+    model = cc.load_model(str(model_dir)).model
+    expected = cc.prune(model, ratio=0.5, mode="global", allocation="normalized").config.clover["ranks"]
+    assert cc.load_pruned(out).config.clover["ranks"] == expected  # the streamed plan is the in-memory one

@@ -208,3 +208,28 @@ def test_unsupported_models_and_dtypes_are_refused(make_gpt2):
     attn.c_attn.weight = torch.nn.Parameter(attn.c_attn.weight.detach().to(torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match="floating-point"):
         cc.decompose(model)
+
+
+def test_normalized_allocation_compares_layers_like_with_like(make_gpt2):
+    """Scaling one layer's V-O weights moves the raw global threshold onto the other layers; the
+    normalized allocation ranks each layer's directions relative to its own scale, so it does not move."""
+    model, scaled = make_gpt2("5x8"), make_gpt2("5x8")
+    with torch.no_grad():
+        scaled.transformer.h[0].attn.c_proj.weight.mul_(100.0)  # layer 0's V-O products x 100
+
+    def ranks(m, allocation):
+        pruned = cc.prune(m, ratio=0.5, target="vo", mode="global", allocation=allocation)
+        return {name: r["vo"] for name, r in pruned.config.clover["ranks"].items()}
+
+    assert ranks(model, "normalized") == ranks(scaled, "normalized")
+    slid = cc.Slider(cc.decompose(model))(0.5, target="vo", mode="global", allocation="normalized")
+    assert {name: r["vo"] for name, r in slid.config.clover["ranks"].items()} == ranks(model, "normalized")
+    assert ranks(model, "raw") != ranks(scaled, "raw")  # sensitivity: the raw ranking follows the scale
+    assert (
+        cc.prune(model, ratio=0.5, mode="global", allocation="normalized").config.clover["allocation"] == "normalized"
+    )
+    assert "allocation" not in cc.prune(model, ratio=0.5, mode="global").config.clover  # the paper's: as before
+    with pytest.raises(ValueError, match="allocation='normalized' is only used with mode='global'"):
+        cc.prune(model, ratio=0.5, allocation="normalized")
+    with pytest.raises(ValueError, match="allocation='even' is not supported"):
+        cc.prune(model, ratio=0.5, mode="global", allocation="even")

@@ -48,10 +48,12 @@ def sweep(
     methods: Iterable[str] = ("vanilla", "clover"),
     mode: str = "global",
     label: str = "",
+    extra: dict | None = None,
 ) -> list[dict]:
     """Prune ``dec`` at every (target, method, ratio) and evaluate each model; one row per model.
 
     The ratio-0 point is measured once per target (both methods give the original model there).
+    ``extra`` holds fields added to every row after ``mode`` (e.g. ``{"scores": "calibrated"}``).
     """
     rows: list[dict] = []
     todo = [(t, m, r) for t in targets for r in ratios for m in methods]
@@ -63,6 +65,7 @@ def sweep(
             "target": target,
             "method": method,
             "mode": mode,
+            **(extra or {}),
             "ratio": round(ratio, 6),
             "parameters": metrics.parameter_count(model),
             "kv_bytes_per_token": metrics.kv_cache_bytes_per_token(model),

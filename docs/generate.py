@@ -478,6 +478,213 @@ def finetune_section(results: Path) -> dict[str, str]:
     }
 
 
+SCORES = ("data-free", "calibrated")
+METHODS = ("vanilla", "clover")
+NAME = {"vanilla": "vanilla", "clover": "CLOVER"}
+TARGET = {**PAIR, "both": "both"}
+CALIBRATED = {  # results file stem -> its placeholders' prefix
+    "calibration_smollm2-135m": "smol",
+    "calibration_gpt2-shakespeare": "gpt2",
+    "calibration_whisper-tiny.en": "whisper",
+}
+
+
+def quartet(rows: list[dict], measure: str, target: str, ratio: float) -> dict[tuple[str, str], float]:
+    """``measure`` of the four models of one point: ``(scores, method) -> value``."""
+    return {(s, m): val(rows, measure, target=target, scores=s, method=m, ratio=ratio) for s in SCORES for m in METHODS}
+
+
+def points(rows: list[dict], *, pruned: bool = False) -> list[tuple[str, float]]:
+    """Every ``(target, ratio)`` measured (``pruned``: ratio > 0 only), targets in the file's order."""
+    targets = dict.fromkeys(row["target"] for row in rows)
+    return [(t, r) for t in targets for r in ratios(rows, target=t) if r > 0 or not pruned]
+
+
+def calibration_table(rows: list[dict], measure: str, fmt, *, bold: bool = True) -> str:
+    """The 2x2 {data-free, calibrated} x {vanilla, CLOVER} at each pair and share removed; with ``bold``,
+    the lowest of the four as printed (where they differ)."""
+    body = []
+    for target, r in points(rows):
+        printed = [fmt(x) for x in quartet(rows, measure, target, r).values()]
+        best = min(printed, key=lambda text: float(text.replace(",", "")))
+        if bold and len(set(printed)) > 1:
+            printed = [f"**{text}**" if text == best else text for text in printed]
+        body.append([TARGET[target], pct(r), *printed])
+    return table(["pair", "removed"] + [f"{s} {NAME[m]}" for s in SCORES for m in METHODS], body)
+
+
+def tally(rows: list[dict], measure: str) -> dict[str, int]:
+    """How often each comparison goes which way over the pruned points (every pair, ratio > 0):
+    ``free_clover``/``cal_vanilla``: that method lower than the other with the same scores;
+    ``best_cal_clover``: the lowest of the four; ``clover_helped``: calibration lowers CLOVER's value."""
+    quartets = [quartet(rows, measure, *p) for p in points(rows, pruned=True)]
+    out = {"points": len(quartets)}
+    for s, short in zip(SCORES, ("free", "cal")):
+        for m, other in zip(METHODS, METHODS[::-1]):
+            out[f"{short}_{m}"] = sum(q[s, m] < q[s, other] for q in quartets)
+            out[f"best_{short}_{m}"] = sum(q[s, m] == min(q.values()) for q in quartets)
+    for m in METHODS:
+        out[f"{m}_helped"] = sum(q["calibrated", m] < q["data-free", m] for q in quartets)
+    return out
+
+
+def wins(rows: list[dict], measure: str, method: str) -> list[float]:
+    """The shares removed at which calibrated ``method`` is lower than the other calibrated method at
+    every pair."""
+    other = METHODS[1 - METHODS.index(method)]
+    targets = dict.fromkeys(row["target"] for row in rows)
+    return [
+        r
+        for r in ratios(rows)
+        if r > 0
+        and all(
+            quartet(rows, measure, t, r)["calibrated", method] < quartet(rows, measure, t, r)["calibrated", other]
+            for t in targets
+        )
+    ]
+
+
+def model_name(row: dict) -> str:
+    """``calibrated CLOVER V-O 25%``: one of the four models of a point."""
+    return f"{row['scores']} {NAME[row['method']]} {TARGET[row['target']]} {pct(row['ratio'])}"
+
+
+def cost(ratio: float) -> str:
+    """A cost multiple: ``344.8 -> "345x"``, ``0.503 -> "0.5x"``."""
+    return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
+
+
+def calibration_file(results: Path, stem: str, key: str, measure: str) -> dict[str, str]:
+    """What every calibration file fills: command, figure, data, protocol, cost and the tallies."""
+    data = load(results, stem)
+    meta, seconds, rows = data["meta"], data["meta"]["seconds"], data["rows"]
+    out = {f"{key}_{name}": str(n) for name, n in tally(rows, measure).items()}
+    return out | {
+        f"{key}_command": command(data),
+        f"{key}_figure": figure(stem, f"{meta['model']}: data-free against calibrated scores"),
+        f"{key}_protocol": meta["protocol"],
+        f"{key}_evaluated": meta["evaluated_on"]["data"],
+        f"{key}_cost": cost(meta["cost_ratio"]),
+        f"{key}_calibrate_s": f"{seconds['calibrate']:.2f} s",
+        f"{key}_free_s": f"{seconds['decompose_data_free']:.2f} s",
+        f"{key}_calibrated_s": f"{seconds['decompose_calibrated']:.2f} s",
+        f"{key}_batches_s": f"{seconds['calibration_batches']:.0f} s",
+        f"{key}_fastest_of": str(meta["seconds_fastest_of"]),
+        f"{key}_ratios": ", ".join(pct(r) for r in ratios(rows) if r > 0),
+    }
+
+
+HELDOUT = "ppl_heldout_paradise_lost"  # the calibration text's domain: tokens it never saw
+
+
+def language_calibration(results: Path, stem: str, key: str) -> dict[str, str]:
+    """A language model's file: the perplexity table, the data it calibrated on, the original's perplexity."""
+    data = load(results, stem)
+    rows, meta = data["rows"], data["meta"]
+    out = calibration_file(results, stem, key, "ppl_wikitext2")
+    heldout = meta["also_evaluated_on"]
+    in_domain = tally(rows, HELDOUT)
+    return out | {
+        f"{key}_table": calibration_table(rows, "ppl_wikitext2", ppl),
+        f"{key}_table_heldout": calibration_table(rows, HELDOUT, ppl),
+        f"{key}_heldout_tokens": f"{count(heldout['tokens'])} tokens from token {count(heldout['first_token'])}",
+        f"{key}_heldout_cal_clover": str(in_domain["cal_clover"]),
+        f"{key}_heldout_low": ppl(min(r[HELDOUT] for r in rows)),
+        f"{key}_heldout_high": ppl(max(r[HELDOUT] for r in rows)),
+        f"{key}_heldout_original": ppl(val(rows, HELDOUT, target="vo", scores="data-free", method="clover", ratio=0)),
+        f"{key}_calibrated": f"{meta['calibrated_on']['data']}, {count(meta['calibrated_on']['tokens'])} tokens",
+        f"{key}_eval_tokens": count(meta["evaluated_on"]["tokens"]),
+        f"{key}_original": ppl(val(rows, "ppl_wikitext2", target="vo", scores="data-free", method="clover", ratio=0)),
+    }
+
+
+def smol_calibration(results: Path) -> dict[str, str]:
+    """SmolLM2: calibration helps both methods by orders of magnitude, and vanilla comes out ahead."""
+    stem = "calibration_smollm2-135m"
+    rows, out = load(results, stem)["rows"], language_calibration(results, stem, "smol")
+    n = tally(rows, "ppl_wikitext2")
+    claim(n["free_clover"] == n["cal_vanilla"] == n["points"], "and reverses the order of the two methods")
+    claim(n["best_cal_vanilla"] == n["points"], "calibrated vanilla is the best of the four at every share")
+    pruned = [quartet(rows, "ppl_wikitext2", *p) for p in points(rows, pruned=True)]
+    gains = [q["data-free", m] / q["calibrated", m] for q in pruned for m in METHODS]
+    claim(min(gains) > 10, "Calibration lowers SmolLM2's V-O perplexity by orders of magnitude")
+    worst = max(q["calibrated", m] for q in pruned for m in METHODS)
+    best_free = min(q["data-free", m] for q in pruned for m in METHODS)
+    claim(worst < best_free, "the worst calibrated model is better than the best data-free one")
+    claim(tally(rows, HELDOUT)["cal_clover"] > n["cal_clover"], "its advantage does not carry over to another domain")
+    won = {m: wins(rows, HELDOUT, m) for m in METHODS}
+    claim(
+        bool(won["clover"]) and max(won["vanilla"], default=0) < min(won["clover"]),
+        "in the calibration's own domain CLOVER leads from a share removed on",
+    )
+    out["smol_heldout_clover_from"] = pct(min(won["clover"]))
+    return out | {"smol_gain": span(gains, "x"), "smol_worst_calibrated": ppl(worst), "smol_best_free": ppl(best_free)}
+
+
+def gpt2_calibration(results: Path) -> dict[str, str]:
+    """gpt2-shakespeare: CLOVER ahead with either scores; calibrated CLOVER stays nearest the original."""
+    stem = "calibration_gpt2-shakespeare"
+    rows, out = load(results, stem)["rows"], language_calibration(results, stem, "gpt2")
+    n = tally(rows, "ppl_wikitext2")
+    claim(n["free_clover"] == n["cal_clover"] == n["points"], "Here CLOVER wins with either scores")
+    original = val(rows, "ppl_wikitext2", target="vo", scores="data-free", method="clover", ratio=0)
+    below = [r for r in rows if r["ppl_wikitext2"] < original]
+    claim(bool(below), "pruned models score below the unpruned one")
+    drift = {
+        (t, r): {k: abs(v / original - 1) for k, v in quartet(rows, "ppl_wikitext2", t, r).items()}
+        for t, r in points(rows, pruned=True)
+    }
+    nearest = [min(d, key=d.get) == ("calibrated", "clover") for d in drift.values()]
+    claim(all(nearest), "calibrated CLOVER stays nearest the unpruned model at every point")
+    return out | {
+        "gpt2_below": str(len(below)),
+        "gpt2_below_which": "; ".join(model_name(r) for r in below),
+        "gpt2_cal_clover_drift": f"{max(d['calibrated', 'clover'] for d in drift.values()) * 100:.1f}%",
+    }
+
+
+def whisper_calibration(results: Path) -> dict[str, str]:
+    """Whisper tiny.en: WER and loss tables; calibrated CLOVER the lowest loss; the transcripts kept."""
+    stem = "calibration_whisper-tiny.en"
+    data = load(results, stem)
+    rows, meta = data["rows"], data["meta"]
+    out = calibration_file(results, stem, "whisper", "loss")
+    n = tally(rows, "loss")
+    claim(n["vanilla_helped"] == n["clover_helped"] == n["points"], "and Whisper tiny.en's loss at every point")
+    won = {m: wins(rows, "loss", m) for m in METHODS}
+    claim(
+        bool(won["vanilla"]) and bool(won["clover"]) and max(won["vanilla"]) < min(won["clover"]),
+        "the two split by the share removed: vanilla's loss is lower at the smaller shares, CLOVER's at the larger",
+    )
+    unpruned = pick(rows, target="qk", scores="data-free", method="clover", ratio=0)
+    pruned = [r for r in rows if r["ratio"] > 0]
+    kept = {s: sum(r["wer"] == unpruned["wer"] for r in pruned if r["scores"] == s) for s in SCORES}
+    lower = [r for r in pruned if r["wer"] < unpruned["wer"]]
+    claim(len(lower) == 1 and not re.search(r"\d", lower[0]["transcript_0"]), "The one WER below the unpruned")
+    return out | {
+        "whisper_table_wer": calibration_table(rows, "wer", three, bold=False),
+        "whisper_table_loss": calibration_table(rows, "loss", three),
+        "whisper_clips": str(len(meta["calibrated_on"]["clips"])),
+        "whisper_eval_clips": str(len(meta["evaluated_on"]["clips"])),
+        "whisper_models": str(2 * n["points"]),
+        "whisper_kept_cal": str(kept["calibrated"]),
+        "whisper_kept_free": str(kept["data-free"]),
+        "whisper_wer": three(unpruned["wer"]),
+        "whisper_loss": three(unpruned["loss"]),
+        "whisper_lower_name": model_name(lower[0]),
+        "whisper_lower_wer": three(lower[0]["wer"]),
+        "whisper_lower_loss": three(lower[0]["loss"]),
+        "whisper_lower_transcript": lower[0]["transcript_0"],
+        "whisper_vanilla_upto": pct(max(won["vanilla"])),
+        "whisper_clover_from": pct(min(won["clover"])),
+    }
+
+
+def calibration_section(results: Path) -> dict[str, str]:
+    """Data-free against calibrated scores, for both methods, on the three offline models."""
+    return smol_calibration(results) | gpt2_calibration(results) | whisper_calibration(results)
+
+
 def reading_section(results: Path) -> dict[str, str]:
     """The figures quoted by "An honest reading": the cost of the largest share removed on gpt2-shakespeare."""
     rows = load(results, "gpt2_perplexity_gpt2-shakespeare")["rows"]
@@ -499,6 +706,7 @@ def values(results: Path = RESULTS, model_dir: Path = SHAKESPEARE) -> dict[str, 
         "whisper": whisper_section(results),
         "sdxl": sdxl_section(results),
         "ft": finetune_section(results),
+        "cal": calibration_section(results),
         "reading": reading_section(results),
     }
     return {f"{name}.{key}": text for name, section in sections.items() for key, text in section.items()}
@@ -536,24 +744,27 @@ def render_results(results: Path = RESULTS, model_dir: Path = SHAKESPEARE, templ
     return GENERATED + "\n" + PLACEHOLDER.sub(fill, text)
 
 
-HEADLINES = [  # (results file, pair, share removed, measure, model): one row of README's table each
-    ("smollm2_vo_perplexity_uniform", "vo", 0.125, "ppl_wikitext2", "SmolLM2-135M"),
-    ("whisper_whisper-tiny.en", "qk", 0.25, "wer", "Whisper tiny.en"),
-    ("gpt2_perplexity_gpt2-shakespeare", "vo", 0.75, "ppl_wikitext2", "GPT-2 trained on Shakespeare"),
+HEADLINES = [  # (results file, pair, share removed, measure, model, scores): one row of README's table each
+    ("smollm2_vo_perplexity_uniform", "vo", 0.125, "ppl_wikitext2", "SmolLM2-135M", None),
+    ("calibration_smollm2-135m", "vo", 0.25, "ppl_wikitext2", "SmolLM2-135M", "calibrated"),
+    ("whisper_whisper-tiny.en", "qk", 0.25, "wer", "Whisper tiny.en", None),
+    ("gpt2_perplexity_gpt2-shakespeare", "vo", 0.75, "ppl_wikitext2", "GPT-2 trained on Shakespeare", None),
 ]
 MEASURES = {"ppl_wikitext2": ("WikiText-2 perplexity", ppl), "wer": ("word error rate", three)}
 
 
 def render_headline(results: Path = RESULTS) -> str:
-    """README.md's three-row table of headline results (between the headline markers)."""
+    """README.md's table of headline results (between the headline markers); the lower of the two in bold."""
     body = []
-    for stem, target, ratio, measure, model in HEADLINES:
+    for stem, target, ratio, measure, model, scores in HEADLINES:
         rows = load(results, stem)["rows"]
+        match = {"target": target} | ({"scores": scores} if scores else {})
         label, fmt = MEASURES[measure]
-        original = val(rows, measure, target=target, method="vanilla", ratio=0.0)
-        v, c = (pick(rows, target=target, method=m, ratio=ratio) for m in ("vanilla", "clover"))
-        pruned = f"{PAIR[target]}, {pct(ratio)} removed ({v['mode']})"
-        body.append([model, pruned, label, fmt(original), fmt(v[measure]), f"**{fmt(c[measure])}**"])
+        original = val(rows, measure, method="vanilla", ratio=0.0, **match)
+        v, c = (pick(rows, method=m, ratio=ratio, **match) for m in ("vanilla", "clover"))
+        how = ", ".join([v["mode"]] + ([f"{scores} scores"] if scores else []))
+        pruned = f"{PAIR[target]}, {pct(ratio)} removed ({how})"
+        body.append([model, pruned, label, fmt(original), *versus(v[measure], c[measure], fmt).split(" / ")])
     return table(["model", "pruned", "measure (lower is better)", "original", "vanilla", "CLOVER"], body)
 
 

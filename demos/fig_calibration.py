@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from fig_whisper import reference_tensors
-from sweep import COLORS, cc, metrics, pick_device, sweep, write
+from sweep import cc, metrics, pick_device, ratio_figure, sweep, write
 
 from clover_core.audio import bundled_clips, calibration_clips, speech_batches, transcribe
 from clover_core.data import calibration_text, wikitext_ids
@@ -152,46 +152,6 @@ def unpruned_rows(model: torch.nn.Module, evaluate: Callable, targets: tuple[str
     ]
 
 
-def calibration_figure(rows: list[dict], panels: list[tuple[str, str]], title: str, *, log_y: bool):
-    """One column per target, one row per measure: color = method, dashed = data-free, solid = calibrated."""
-    from plotly.subplots import make_subplots
-
-    targets = list(dict.fromkeys(r["target"] for r in rows))
-    fig = make_subplots(
-        rows=len(panels),
-        cols=len(targets),
-        shared_xaxes=True,
-        horizontal_spacing=0.06,
-        subplot_titles=[f"{label} - {PAIR[t]}" for _, label in panels for t in targets],
-    )
-    for row, (metric, label) in enumerate(panels, 1):
-        for col, target in enumerate(targets, 1):
-            for scores in SCORES:
-                for method in METHODS:
-                    mine = [r for r in rows if (r["target"], r["scores"], r["method"]) == (target, scores, method)]
-                    pts = sorted((r["ratio"], r[metric]) for r in mine)
-                    name = f"{'CLOVER' if method == 'clover' else 'vanilla'}, {scores}"
-                    fig.add_scatter(
-                        x=[100 * x for x, _ in pts],
-                        y=[y for _, y in pts],
-                        mode="lines+markers",
-                        name=name,
-                        legendgroup=name,
-                        showlegend=row == 1 and col == 1,
-                        line={"color": COLORS[method], "dash": DASH[scores]},
-                        row=row,
-                        col=col,
-                        hovertemplate="%{x:.1f}% removed<br>%{y:.4g}<extra>" + name + "</extra>",
-                    )
-            fig.update_yaxes(type="log" if log_y else "linear", row=row, col=col)
-        fig.update_yaxes(title_text=label, row=row, col=1)
-    fig.update_xaxes(title_text="directions removed (%)", row=len(panels))
-    fig.update_layout(
-        title=title, template="plotly_white", height=160 + 330 * len(panels), legend={"orientation": "h", "y": -0.12}
-    )
-    return fig
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", choices=sorted(SETUPS))
@@ -259,7 +219,7 @@ def main() -> None:
         "cost_ratio": round(cost, 3),
     }
     title = f"{args.model}: data-free (dashed) vs calibrated (solid) scores, uniform pruning"
-    fig = calibration_figure(rows, task.panels, title, log_y="ppl_wikitext2" in rows[0])
+    fig = ratio_figure(rows, task.panels, title, log_y="ppl_wikitext2" in rows[0], dashes=DASH)
     write(f"calibration_{args.model}", rows, fig, meta)
 
 

@@ -95,10 +95,17 @@ def write(name: str, rows: list[dict], fig, meta: dict | None = None) -> None:
 
 
 def ratio_figure(
-    rows: list[dict], panels: list[tuple[str, str]], title: str, *, log_y: bool = True, facet: str = "target"
+    rows: list[dict],
+    panels: list[tuple[str, str]],
+    title: str,
+    *,
+    log_y: bool = True,
+    facet: str = "target",
+    dashes: dict[str, str] | None = None,
 ):
     """A grid of CLOVER and vanilla curves against the ratio: one row per ``(metric key, axis label)``
-    in ``panels``, one column per value of ``facet`` (Q-K / V-O)."""
+    in ``panels``, one column per value of ``facet`` (Q-K / V-O). ``dashes`` (``{scores: dash}``) draws
+    one curve per method and value of the rows' ``"scores"``, dashed as it says."""
     from plotly.subplots import make_subplots
 
     columns = list(dict.fromkeys(r[facet] for r in rows))
@@ -109,22 +116,29 @@ def ratio_figure(
         horizontal_spacing=0.06,
         subplot_titles=[f"{label} - {facet} {c}" for _, label in panels for c in columns],
     )
+    series = [(None, None)] if dashes is None else list(dashes.items())
     for row, (metric, label) in enumerate(panels, 1):
         for col, column in enumerate(columns, 1):
-            for method in ("vanilla", "clover"):
-                pts = sorted((r["ratio"], r[metric]) for r in rows if r[facet] == column and r["method"] == method)
-                fig.add_scatter(
-                    x=[100 * x for x, _ in pts],
-                    y=[y for _, y in pts],
-                    mode="lines+markers",
-                    name="CLOVER" if method == "clover" else "vanilla",
-                    legendgroup=method,
-                    showlegend=row == 1 and col == 1,
-                    line={"color": COLORS[method]},
-                    row=row,
-                    col=col,
-                    hovertemplate="%{x:.1f}% removed<br>%{y:.4g}<extra>" + method + "</extra>",
-                )
+            for scores, dash in series:
+                for method in ("vanilla", "clover"):
+                    mine = [r for r in rows if r[facet] == column and r["method"] == method]
+                    pts = sorted((r["ratio"], r[metric]) for r in mine if scores is None or r["scores"] == scores)
+                    name = "CLOVER" if method == "clover" else "vanilla"
+                    name = name if scores is None else f"{name}, {scores}"
+                    fig.add_scatter(
+                        x=[100 * x for x, _ in pts],
+                        y=[y for _, y in pts],
+                        mode="lines+markers",
+                        name=name,
+                        legendgroup=method if scores is None else name,
+                        showlegend=row == 1 and col == 1,
+                        line={"color": COLORS[method], "dash": dash},
+                        row=row,
+                        col=col,
+                        hovertemplate="%{x:.1f}% removed<br>%{y:.4g}<extra>"
+                        + (method if scores is None else name)
+                        + "</extra>",
+                    )
             fig.update_yaxes(type="log" if log_y else "linear", row=row, col=col)
         fig.update_yaxes(title_text=label, row=row, col=1)
     fig.update_xaxes(title_text="directions removed (%)", row=len(panels))
